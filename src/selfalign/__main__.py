@@ -1,0 +1,3 @@
+from selfalign.cli.main import main
+
+main()

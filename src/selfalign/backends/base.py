@@ -1,0 +1,104 @@
+"""The generation backend interface: two operations, no framework types.
+
+`generate` answers prompts; `score` gives the log-probability of continuations (what a log-probability judge
+needs). transformers, vLLM and OpenAI-compatible servers implement it, and a scripted backend makes stage tests
+instant. Prompts arrive already rendered by a PromptFormat: backends never add templates of their own.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import Field
+
+from selfalign.config import StrictModel
+from selfalign.errors import SelfAlignError
+
+FinishReason = Literal["stop", "length"]
+
+
+class GenerationParams(StrictModel):
+    """Sampling settings. temperature 0 means greedy decoding."""
+
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens generated per prompt.")
+    temperature: float = Field(0.0, ge=0.0, description="0 is greedy; above 0 samples.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sampling only).")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="1.0 is off; the reference experiment used 1.15.")
+    stop: list[str] = Field(default_factory=list, description="Generation ends at the first of these strings.")
+    seed: int = Field(0, description="Seed for sampling, so runs repeat.")
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # up to (not including) the stop string or EOS
+    prompt_tokens: int
+    completion_tokens: int  # tokens up to the stop, not padding
+    finish_reason: FinishReason
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    tokenizer: Any  # the model's tokenizer where the backend has one (prompt formats need it), else None
+
+    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
+        """One completion per prompt, in input order."""
+        ...
+
+    def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
+        """Sum of log-probabilities of each continuation's tokens following its prompt, in input order."""
+        ...
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut `text` at the earliest stop string; True when one was found."""
+    cut = min((index for s in stop if s and (index := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def check_score_inputs(prompts: Sequence[str], continuations: Sequence[str]) -> None:
+    if len(prompts) != len(continuations):
+        raise SelfAlignError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
+    if any(not c for c in continuations):
+        raise SelfAlignError("score: every continuation needs at least one character")
+
+
+BackendFactory = Callable[[Any], Backend]  # ModelConfig -> Backend
+
+
+@dataclass
+class BackendRegistry:
+    """Backends by name, so configs say `backend: transformers` and new engines plug in without edits here.
+
+    Built-in backends are registered as "module:function" strings and imported on first use, so that choosing
+    the scripted backend never imports torch.
+    """
+
+    factories: dict[str, BackendFactory | str] = field(default_factory=dict)
+
+    def register(self, name: str) -> Callable[[BackendFactory], BackendFactory]:
+        def decorator(factory: BackendFactory) -> BackendFactory:
+            self.factories[name] = factory
+            return factory
+
+        return decorator
+
+    def create(self, name: str, config: Any) -> Backend:
+        factory = self.factories.get(name)
+        if factory is None:
+            raise SelfAlignError(f"unknown backend '{name}'; available: {', '.join(sorted(self.factories))}")
+        if isinstance(factory, str):
+            module_name, _, function_name = factory.partition(":")
+            factory = getattr(importlib.import_module(module_name), function_name)
+        return factory(config)
+
+
+BACKENDS = BackendRegistry(
+    {
+        "transformers": "selfalign.backends.transformers_backend:create_transformers_backend",
+        "scripted": "selfalign.backends.scripted:create_scripted_backend",
+    }
+)

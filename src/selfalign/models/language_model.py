@@ -1,0 +1,54 @@
+"""A model as the stages see it: a backend plus the prompt format that turns requests into its input."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field
+
+from selfalign.backends.base import BACKENDS, Backend, Completion, GenerationParams
+from selfalign.config import StrictModel
+from selfalign.models.formats import Message, PromptFormat, get_prompt_format
+from selfalign.models.references import DEFAULT_MODEL
+
+
+class ModelConfig(StrictModel):
+    """Which model answers, through which backend, in which prompt format."""
+
+    model: str = Field(DEFAULT_MODEL, description="Model reference: embedded:NAME, ORG/NAME, a folder or a .gguf.")
+    backend: str = Field("transformers", description="Generation backend: transformers, scripted, ...")
+    adapter: str | None = Field(None, description="Path of a PEFT adapter applied on top of the model.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bf16 on GPUs and on CPUs with bf16 units, fp32 otherwise."
+    )
+    load_in_4bit: bool = Field(False, description="NF4 4-bit weights via bitsandbytes (CUDA only).")
+    batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
+    prompt_format: str = Field("auto", description="auto, chat-template, plain, mistral-inst or a format .yaml.")
+    system_prompt: str | None = Field(None, description="System message placed before every request.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
+
+
+@dataclass
+class LanguageModel:
+    config: ModelConfig
+    backend: Backend
+    prompt_format: PromptFormat
+
+    def render(self, request: str | list[Message]) -> str:
+        return self.prompt_format.render_prompt(request, self.config.system_prompt)
+
+    def answer(self, requests: Sequence[str | list[Message]], params: GenerationParams) -> list[Completion]:
+        """Render each request in the model's format and generate; the format's stop strings are always added."""
+        stop = list(dict.fromkeys([*params.stop, *self.prompt_format.stop]))
+        rendered = [self.render(request) for request in requests]
+        return self.backend.generate(rendered, params.model_copy(update={"stop": stop}))
+
+    def score(self, requests: Sequence[str | list[Message]], continuations: Sequence[str]) -> list[float]:
+        return self.backend.score([self.render(request) for request in requests], continuations)
+
+
+def load_language_model(config: ModelConfig) -> LanguageModel:
+    backend = BACKENDS.create(config.backend, config)
+    return LanguageModel(config, backend, get_prompt_format(backend.tokenizer, config.prompt_format))

@@ -1,0 +1,144 @@
+"""Load a model and tokenizer from any model reference, in the dtype the hardware is fast at."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from selfalign.errors import SelfAlignError
+from selfalign.models.references import ModelReference, resolve_model_reference
+
+logger = logging.getLogger(__name__)
+
+DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX), which makes bf16 matmuls fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(name: DtypeName) -> Any:
+    """`auto` -> bf16 on a GPU that supports it or on a CPU with bf16 units, fp32 otherwise."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def local_folder_for(reference: ModelReference) -> str:
+    """The folder or hub id that transformers' from_pretrained should read, converting GGUF into the cache first."""
+    from selfalign.models.gguf_cache import prepare_embedded_model, prepare_gguf_file
+
+    if reference.kind == "embedded":
+        return str(prepare_embedded_model(reference.location))
+    if reference.kind == "gguf":
+        return str(prepare_gguf_file(Path(reference.location)))
+    return reference.location
+
+
+def prepare_model_files(model: str) -> str:
+    """Make a model's files local (convert GGUF, download from the hub) and return where they are."""
+    reference = resolve_model_reference(model)
+    if reference.kind != "hub":
+        return local_folder_for(reference)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(reference.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as exc:  # offline mode, missing repo and network failures have many exception types
+        raise SelfAlignError(f"cannot download '{model}' from the Hugging Face hub: {_first_line(exc)}") from None
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    reference: ModelReference
+    source: str  # the folder or hub id actually loaded
+
+
+def load_tokenizer(model: str, revision: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    reference = resolve_model_reference(model)
+    source = local_folder_for(reference)
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
+    except OSError as exc:
+        raise SelfAlignError(f"cannot load the tokenizer of '{model}': {_first_line(exc)}") from None
+
+
+def load_model(
+    model: str,
+    dtype: DtypeName = "auto",
+    load_in_4bit: bool = False,
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a model reference (see `resolve_model_reference`)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()  # our own bars report progress; theirs would interleave
+    reference = resolve_model_reference(model)
+    source = local_folder_for(reference)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "revision": revision}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if load_in_4bit:
+        kwargs["quantization_config"] = four_bit_config(kwargs["dtype"])
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    elif device == "auto":
+        kwargs["device_map"] = "cuda" if torch.cuda.is_available() else None
+    elif device != "cpu":
+        kwargs["device_map"] = device
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        # Offline hub lookups and missing files both arrive as OSError with a long explanation.
+        raise SelfAlignError(f"cannot load model '{model}': {_first_line(exc)}") from None
+    loaded.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    logger.info("loaded %s (%s) in %s", model, source, kwargs["dtype"])
+    return LoadedModel(loaded, tokenizer, reference, source)
+
+
+def four_bit_config(compute_dtype: Any) -> Any:
+    """NF4 with double quantization, as the reference experiment's QLoRA; only where CUDA and bitsandbytes exist."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SelfAlignError("load_in_4bit needs a CUDA GPU (bitsandbytes NF4); none is available on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SelfAlignError("load_in_4bit needs bitsandbytes: pip install 'selfalign[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+
+from selfalign.backends.base import GenerationParams
+from selfalign.backends.transformers_backend import TransformersBackend
+from selfalign.models.loading import load_model
+
+PROMPTS = [
+    "Question: What is the capital of France?\nAnswer:",
+    "Hi",
+    "Write a short poem about the rain falling on the roof at night, please, and make it rhyme.",
+    "How do I kill a Python process?",
+    "0 1 2",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir), dtype="float32")
+
+
+@pytest.fixture
+def backend(loaded):
+    return TransformersBackend(loaded.model, loaded.tokenizer, batch_size=2, show_progress=False)
+
+
+def reference_greedy(loaded, prompt: str, max_new_tokens: int) -> list[int]:
+    """One prompt at a time through `model.generate`: the ground truth for batched, sorted, row-dropping decoding."""
+    encoded = loaded.tokenizer(prompt, return_tensors="pt")
+    output = loaded.model.generate(
+        **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id
+    )
+    tokens = output[0, encoded["input_ids"].shape[1] :].tolist()
+    eos = loaded.tokenizer.eos_token_id
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def test_greedy_generation_matches_unbatched_generate_in_input_order(loaded, backend):
+    completions = backend.generate(PROMPTS, GenerationParams(max_new_tokens=12))
+    assert len(completions) == len(PROMPTS)
+    for prompt, completion in zip(PROMPTS, completions):
+        expected = reference_greedy(loaded, prompt, 12)
+        assert completion.text == loaded.tokenizer.decode(expected, skip_special_tokens=True).strip()
+        assert completion.completion_tokens == len(expected)
+        assert completion.prompt_tokens == len(loaded.tokenizer(prompt)["input_ids"])
+        assert completion.finish_reason == ("length" if len(expected) == 12 else "stop")
+
+
+def test_stop_string_truncates_and_counts_only_kept_tokens(loaded, backend):
+    full = backend.generate(PROMPTS[:1], GenerationParams(max_new_tokens=16))[0]
+    assert len(full.text) > 3
+    stop = full.text[2:4]
+    stopped = backend.generate(PROMPTS[:1], GenerationParams(max_new_tokens=16, stop=[stop]))[0]
+    assert stop not in stopped.text
+    assert full.text.startswith(stopped.text)
+    assert stopped.finish_reason == "stop"
+    assert stopped.completion_tokens < full.completion_tokens
+
+
+def test_sampling_is_reproducible_with_a_seed(backend):
+    params = GenerationParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    first = [c.text for c in backend.generate(PROMPTS, params)]
+    second = [c.text for c in backend.generate(PROMPTS, params)]
+    assert first == second
+
+
+def test_repetition_penalty_changes_greedy_output(backend):
+    plain = [c.text for c in backend.generate(PROMPTS, GenerationParams(max_new_tokens=16))]
+    penalised = [c.text for c in backend.generate(PROMPTS, GenerationParams(max_new_tokens=16, repetition_penalty=5.0))]
+    assert plain != penalised
+
+
+def test_score_equals_log_probabilities_from_a_full_forward_pass(loaded, backend):
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[3], PROMPTS[1]]
+    continuations = [" Paris", " 1", " Use the kill command", " 0"]
+    scores = backend.score(prompts, continuations)
+    for prompt, continuation, score in zip(prompts, continuations, scores):
+        prompt_ids = loaded.tokenizer(prompt)["input_ids"]
+        target = loaded.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = loaded.model(torch.tensor([prompt_ids + target])).logits[0]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        expected = sum(float(log_probs[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(target))
+        assert math.isclose(score, expected, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_single_token_continuations_of_one_prompt_share_a_forward_pass(loaded, backend, monkeypatch):
+    single = [t for t in (" 1", " 0") if len(loaded.tokenizer(t, add_special_tokens=False)["input_ids"]) == 1]
+    assert len(single) == 2, "the tiny tokenizer should have single tokens for the judge labels"
+    rows = []
+    original = backend._score_batch
+    monkeypatch.setattr(
+        backend, "_score_batch", lambda inputs, targets: rows.extend(inputs) or original(inputs, targets)
+    )
+    backend.score([PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]], [" 1", " 0", " 1", " 0"])
+    assert len(rows) == 2
+
+
+def test_score_rejects_mismatched_lengths(backend):
+    from selfalign.errors import SelfAlignError
+
+    with pytest.raises(SelfAlignError, match="2 prompts but 1 continuations"):
+        backend.score(["a", "b"], [" x"])
+
+
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(loaded, tiny_model_dir):
+    backend = TransformersBackend(loaded.model, loaded.tokenizer, batch_size=8, show_progress=False)
+    texts = [loaded.tokenizer.decode(reference_greedy(loaded, p, 14), skip_special_tokens=True) for p in PROMPTS]
+    # A stop string taken from the middle of some answers ends those rows early while the rest go on decoding
+    # from a KV cache that had the finished rows removed.
+    stop = next(t[4:6] for t in texts if len(t) > 8 and t[4:6].strip())
+    completions = backend.generate(PROMPTS, GenerationParams(max_new_tokens=14, stop=[stop]))
+    stopped = 0
+    for text, completion in zip(texts, completions):
+        expected = text.split(stop)[0].strip()
+        stopped += stop in text
+        assert completion.text == expected
+    assert 0 < stopped < len(PROMPTS)

@@ -1,0 +1,61 @@
+import pytest
+
+from selfalign.errors import SelfAlignError
+from selfalign.models.loading import load_model, resolve_dtype
+from selfalign.models.references import resolve_model_reference
+
+
+def test_accepted_forms(tmp_path, tiny_model_dir):
+    assert resolve_model_reference("embedded:gemma-3-270m").kind == "embedded"
+    assert resolve_model_reference("mistralai/Mistral-7B-Instruct-v0.1").kind == "hub"
+    assert resolve_model_reference(str(tiny_model_dir)).kind == "local"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_model_reference(str(gguf)).kind == "gguf"
+
+
+@pytest.mark.parametrize("reference", ["embedded:gpt-5", "not a model", "./missing/folder", ""])
+def test_unknown_references_list_the_accepted_forms(reference):
+    with pytest.raises(SelfAlignError, match="accepted forms: embedded:NAME"):
+        resolve_model_reference(reference)
+
+
+def test_folder_without_config_and_missing_gguf(tmp_path):
+    with pytest.raises(SelfAlignError, match="without config.json"):
+        resolve_model_reference(str(tmp_path))
+    with pytest.raises(SelfAlignError, match="GGUF file not found"):
+        resolve_model_reference(str(tmp_path / "x.gguf"))
+
+
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+    import torch
+
+    from selfalign.models import loading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: True)
+    assert resolve_dtype("auto") is torch.bfloat16
+    monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: False)
+    assert resolve_dtype("auto") is torch.float32
+    assert resolve_dtype("float16") is torch.float16
+
+
+def test_four_bit_without_cuda_is_a_clear_error(tiny_model_dir, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SelfAlignError, match="load_in_4bit needs a CUDA GPU"):
+        load_model(str(tiny_model_dir), load_in_4bit=True)
+
+
+def test_loads_a_local_folder_with_a_pad_token(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), dtype="float32")
+    assert loaded.tokenizer.pad_token is not None
+    assert next(loaded.model.parameters()).dtype.is_floating_point
+
+
+def test_hub_id_offline_fails_with_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SelfAlignError, match="cannot load model 'nobody-here/no-such-model'") as info:
+        load_model("nobody-here/no-such-model")
+    assert "\n" not in str(info.value)
