@@ -111,15 +111,16 @@ def generate(
 @data_app.command("list")
 def data_list() -> None:
     """List the built-in data sets: name, rows per split, columns, description."""
+    from rich.console import Console
     from rich.table import Table
 
     from selfalign.data.catalog import describe_builtin_sets
-    from selfalign.progress import console
 
     table = Table("name", "rows", "columns", "description")
+    table.columns[0].no_wrap = True  # references are meant to be copied whole
     for entry in describe_builtin_sets():
         table.add_row(entry["reference"], entry["rows"], entry["columns"], entry["description"])
-    console.print(table)
+    Console().print(table)  # stdout, so that `selfalign data list | grep ...` works
 
 
 @data_app.command("show")

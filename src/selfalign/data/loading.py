@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ ACCEPTED_REFERENCES = (
     "builtin:NAME[:split] (see `selfalign data list`), a .jsonl/.json/.csv/.parquet file, "
     "or hf:ORG/NAME[:split] for a Hugging Face dataset"
 )
+_PLAIN_INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class BuiltinSet:
     datasheet: str
     splits: dict[str, str]  # split name -> file name in selfalign/data/builtin
     columns: list[str]
+    label_column: str = ""  # the column whose values each have at least 10 rows in every split
+    values: dict[str, str] = field(default_factory=dict)  # label_column value -> what it means
 
 
 @functools.cache
@@ -107,7 +111,7 @@ def _read_file_rows(path: Path) -> list[dict[str, Any]]:
 
         try:
             with path.open(encoding="utf-8", newline="") as handle:
-                return [dict(row) for row in csv.DictReader(handle)]
+                return _integer_columns([dict(row) for row in csv.DictReader(handle)])
         except UnicodeDecodeError:
             raise SelfAlignError(f"{path}: not valid UTF-8 text") from None
         except csv.Error as exc:
@@ -118,6 +122,17 @@ def _read_file_rows(path: Path) -> list[dict[str, Any]]:
         return parquet.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... on a damaged file
         raise SelfAlignError(f"{path}: cannot read as Parquet ({exc})") from None
+
+
+def _integer_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CSV cells are text: a column whose every cell is a plain integer ("0", "1", "-2") becomes int, so 0/1 labels
+    in a CSV file read as the numbers they are in a JSON one."""
+    for column in {key for row in rows for key in row if key is not None}:
+        cells = [row.get(column) for row in rows]
+        if all(isinstance(cell, str) and _PLAIN_INTEGER.fullmatch(cell) for cell in cells):
+            for row in rows:
+                row[column] = int(row[column])
+    return rows
 
 
 def _read_hub_rows(name: str) -> list[dict[str, Any]]:

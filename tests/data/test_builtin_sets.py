@@ -1,0 +1,247 @@
+"""The shipped data sets: sizes, disjoint splits, variety (every listed value well covered, no near-duplicate prompts
+anywhere), and datasheets that agree with the files."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import re
+from collections import Counter, defaultdict
+from fractions import Fraction
+from importlib import resources
+
+import pytest
+
+from selfalign.data.jsonl import read_jsonl
+from selfalign.data.loading import BuiltinSet, builtin_sets
+
+MIN_ROWS = {"redteam": {"train": 300, "test": 100}}
+MIN_TOTAL = {"benign-sensitive": 150, "helpful": 200, "judge-labeled": 200}
+MIN_PER_VALUE = 10
+NEAR_DUPLICATE = Fraction(4, 5)  # token-set Jaccard similarity at or above this is a near-duplicate
+FRAMINGS = ("direct", "roleplay", "hypothetical", "justified")
+
+SET_NAMES = sorted(builtin_sets())
+
+
+def _folder():
+    return resources.files("selfalign.data").joinpath("builtin")
+
+
+@functools.cache
+def _split_rows(name: str) -> dict[str, list[dict]]:
+    builtin = builtin_sets()[name]
+    out = {}
+    for split, file_name in builtin.splits.items():
+        with resources.as_file(_folder().joinpath(file_name)) as path:
+            out[split] = read_jsonl(path)
+    return out
+
+
+def _datasheet(builtin: BuiltinSet) -> str:
+    return _folder().joinpath(builtin.datasheet).read_text(encoding="utf-8")
+
+
+def _tokens(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"\w+", text.lower()))
+
+
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> Fraction:
+    union = len(a | b)
+    return Fraction(len(a & b), union) if union else Fraction(1)
+
+
+def near_duplicate_pairs(texts: list[str], threshold: Fraction = NEAR_DUPLICATE) -> list[tuple[int, int, Fraction]]:
+    """Every pair (i, j) whose token-set Jaccard similarity is >= threshold, exactly, without comparing all pairs.
+
+    Prefix filtering: order each token set by global token frequency (rare first); two sets with Jaccard >= t share at
+    least ceil(t * max size) tokens, so they share one among the first `size - ceil(t * size) + 1` tokens of each.
+    Sets are visited by increasing size and only those prefixes are indexed; candidates are then checked exactly.
+    """
+    sets = [_tokens(text) for text in texts]
+    frequency = Counter(token for tokens in sets for token in tokens)
+    index: dict[str, list[int]] = defaultdict(list)
+    pairs = []
+    for i in sorted(range(len(sets)), key=lambda k: len(sets[k])):
+        ordered = sorted(sets[i], key=lambda token: (frequency[token], token))
+        prefix = len(ordered) - math.ceil(threshold * len(ordered)) + 1
+        candidates = set()
+        for token in ordered[:prefix]:
+            candidates.update(index[token])
+            index[token].append(i)
+        for j in candidates:  # len(sets[j]) <= len(sets[i]); Jaccard >= t needs len(sets[j]) >= t * len(sets[i])
+            if len(sets[j]) >= threshold * len(sets[i]) and (score := _jaccard(sets[i], sets[j])) >= threshold:
+                pairs.append((min(i, j), max(i, j), score))
+    return sorted(pairs)
+
+
+def _all_prompts() -> list[tuple[str, str]]:
+    """(where, prompt) for every row of every shipped set."""
+    return [
+        (f"builtin:{name}:{split} {row['id']}", row["prompt"])
+        for name in SET_NAMES
+        for split, rows in _split_rows(name).items()
+        for row in rows
+    ]
+
+
+# --- sizes -----------------------------------------------------------------------------------------------------
+
+
+def test_minimum_sizes():
+    for name, minimums in MIN_ROWS.items():
+        for split, minimum in minimums.items():
+            assert len(_split_rows(name)[split]) >= minimum, f"{name}:{split}"
+    for name, minimum in MIN_TOTAL.items():
+        assert sum(len(rows) for rows in _split_rows(name).values()) >= minimum, name
+
+
+def test_catalog_lists_the_expected_sets_and_splits():
+    sets = builtin_sets()
+    assert set(sets) == {"redteam", "benign-sensitive", "helpful", "judge-labeled"}
+    assert list(sets["redteam"].splits) == ["train", "test"]
+    assert list(sets["judge-labeled"].splits) == ["dev", "test"]
+    for builtin in sets.values():
+        assert builtin.label_column in builtin.columns
+        assert builtin.values
+
+
+# --- shape of the rows -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SET_NAMES)
+def test_rows_have_exactly_the_catalog_columns_and_a_real_prompt(name):
+    builtin = builtin_sets()[name]
+    for split, rows in _split_rows(name).items():
+        for row in rows:
+            assert sorted(row) == sorted(builtin.columns), f"{name}:{split} {row.get('id')}"
+            assert isinstance(row["prompt"], str) and row["prompt"].strip() == row["prompt"], row["id"]
+            assert _tokens(row["prompt"]), row["id"]
+
+
+def test_ids_are_unique_across_all_sets():
+    ids = Counter(row["id"] for name in SET_NAMES for rows in _split_rows(name).values() for row in rows)
+    assert [row_id for row_id, count in ids.items() if count > 1] == []
+
+
+@pytest.mark.parametrize("name", SET_NAMES)
+def test_splits_are_disjoint(name):
+    seen: dict[str, str] = {}
+    for split, rows in _split_rows(name).items():
+        prompts = {row["prompt"].strip().lower() for row in rows}
+        overlap = [prompt for prompt in prompts if prompt in seen]
+        assert overlap == [], f"{name}: prompts in both {split} and {seen[overlap[0]] if overlap else ''}"
+        seen.update(dict.fromkeys(prompts, split))
+
+
+# --- variety ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SET_NAMES)
+def test_every_listed_value_has_enough_rows_in_every_split(name):
+    builtin = builtin_sets()[name]
+    for split, rows in _split_rows(name).items():
+        counts = Counter(row[builtin.label_column] for row in rows)
+        assert set(counts) - set(builtin.values) == set(), f"{name}:{split} has values outside the catalog"
+        thin = {value: counts[value] for value in builtin.values if counts[value] < MIN_PER_VALUE}
+        assert thin == {}, f"{name}:{split}: fewer than {MIN_PER_VALUE} rows"
+
+
+def test_redteam_framings_are_known_and_each_well_covered():
+    for split, rows in _split_rows("redteam").items():
+        counts = Counter(row["framing"] for row in rows)
+        assert set(counts) == set(FRAMINGS), split
+        assert min(counts.values()) >= MIN_PER_VALUE, (split, counts)
+
+
+def test_no_near_duplicate_prompts_anywhere_in_the_shipped_sets():
+    prompts = _all_prompts()
+    pairs = near_duplicate_pairs([prompt for _, prompt in prompts])
+    shown = [f"{prompts[i][0]} ~ {prompts[j][0]} (Jaccard {float(score):.2f})" for i, j, score in pairs[:10]]
+    assert pairs == [], f"{len(pairs)} near-duplicate pairs, e.g. " + "; ".join(shown)
+
+
+def test_near_duplicate_search_agrees_with_comparing_every_pair():
+    texts = [
+        "How do I kill a zombie process on Ubuntu?",
+        "how do i kill a zombie process on ubuntu",
+        "How do I kill a zombie process on Debian?",
+        "how can I kill a stuck zombie process on ubuntu quickly",
+        "Write a poem about the sea",
+        "Write a short poem about the sea",
+        "write a poem about the sea, please",
+        "the sea",
+        "sea the",
+        "completely different words here",
+    ]
+    texts += [" ".join(f"w{(k * 7 + m) % 13}" for m in range(3 + k % 6)) for k in range(40)]
+    sets = [_tokens(text) for text in texts]
+    brute = sorted(
+        (i, j, _jaccard(sets[i], sets[j]))
+        for i, j in itertools.combinations(range(len(texts)), 2)
+        if _jaccard(sets[i], sets[j]) >= NEAR_DUPLICATE
+    )
+    assert {(0, 1, Fraction(1)), (0, 2, Fraction(4, 5)), (4, 5, Fraction(6, 7)), (7, 8, Fraction(1))} <= set(brute)
+    assert not any(i == 3 or j == 3 for i, j, _ in brute)  # Jaccard with 0 and 1 is 8/12: similar, not near-duplicate
+    assert near_duplicate_pairs(texts) == brute
+
+
+# --- judge-labeled ---------------------------------------------------------------------------------------------
+
+
+def test_judge_labels_are_binary_balanced_and_explained():
+    builtin = builtin_sets()["judge-labeled"]
+    label_of_kind = {
+        kind: int(re.match(r"label ([01]):", meaning).group(1)) for kind, meaning in builtin.values.items()
+    }
+    for split, rows in _split_rows("judge-labeled").items():
+        labels = Counter(row["label"] for row in rows)
+        assert all(type(row["label"]) is int for row in rows), split
+        assert set(labels) == {0, 1} and labels[0] == labels[1], (split, labels)
+        for row in rows:
+            assert isinstance(row["response"], str) and row["response"].strip(), row["id"]
+            assert isinstance(row["reason"], str) and row["reason"].strip(), row["id"]
+            assert row["label"] == label_of_kind[row["kind"]], row["id"]
+            assert row["category"] == "none" or row["category"] in builtin_sets()["redteam"].values, row["id"]
+
+
+# --- datasheets ------------------------------------------------------------------------------------------------
+
+
+def _table_counts(sheet: str, value: str, splits: list[str]) -> list[int]:
+    """The per-split counts in the datasheet's table row for `value`: `| `value` | meaning | n1 | n2 |`."""
+    lines = [line for line in sheet.splitlines() if line.startswith(f"| `{value}` |")]
+    assert len(lines) == 1, f"no single table row for `{value}`"
+    cells = [cell.strip() for cell in lines[0].strip().strip("|").split("|")]
+    return [int(cell) for cell in cells[-len(splits) :]]
+
+
+@pytest.mark.parametrize("name", SET_NAMES)
+def test_datasheet_lists_every_value_with_the_counts_in_the_files(name):
+    builtin = builtin_sets()[name]
+    sheet = _datasheet(builtin)
+    split_rows = _split_rows(name)
+    splits = list(split_rows)
+    for value in builtin.values:
+        assert value in sheet, f"{builtin.datasheet} does not mention {value}"
+        expected = [sum(row[builtin.label_column] == value for row in split_rows[split]) for split in splits]
+        assert _table_counts(sheet, value, splits) == expected, f"{builtin.datasheet}: counts for {value}"
+    totals = [int(n) for n in re.findall(r"\*\*(\d+)\*\*", sheet)[: len(splits)]]
+    assert totals == [len(split_rows[split]) for split in splits], f"{builtin.datasheet}: totals"
+
+
+def test_redteam_datasheet_gives_the_framing_counts():
+    sheet = _datasheet(builtin_sets()["redteam"])
+    split_rows = _split_rows("redteam")
+    splits = list(split_rows)
+    for framing in FRAMINGS:
+        expected = [sum(row["framing"] == framing for row in split_rows[split]) for split in splits]
+        assert _table_counts(sheet, framing, splits) == expected, framing
+
+
+@pytest.mark.parametrize("name", SET_NAMES)
+def test_datasheet_has_the_expected_sections(name):
+    sheet = _datasheet(builtin_sets()[name]).lower()
+    for heading in ("motivation", "composition", "how the rows were written", "intended uses", "limitations", "safety"):
+        assert f"## {heading}" in sheet, heading
