@@ -20,7 +20,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(folder: Path, chat_template: bool = False, vocab_size: int = 512) -> Path:
+def build_tiny_model(folder: Path, chat_template: bool = False, vocab_size: int = 512, sliding_window: int = 8) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
@@ -52,7 +52,7 @@ def build_tiny_model(folder: Path, chat_template: bool = False, vocab_size: int 
         num_key_value_heads=1,
         head_dim=32,
         max_position_embeddings=512,
-        sliding_window=8,
+        sliding_window=sliding_window,
         layer_types=["sliding_attention", "full_attention"],
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,

@@ -91,9 +91,7 @@ def test_single_token_continuations_of_one_prompt_share_a_forward_pass(loaded, b
     assert len(single) == 2, "the tiny tokenizer should have single tokens for the judge labels"
     rows = []
     original = backend._score_batch
-    monkeypatch.setattr(
-        backend, "_score_batch", lambda inputs, targets: rows.extend(inputs) or original(inputs, targets)
-    )
+    monkeypatch.setattr(backend, "_score_batch", lambda inputs, *rest: rows.extend(inputs) or original(inputs, *rest))
     backend.score([PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]], [" 1", " 0", " 1", " 0"])
     assert len(rows) == 2
 
@@ -118,3 +116,36 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(loaded
         stopped += stop in text
         assert completion.text == expected
     assert 0 < stopped < len(PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def wide_window_model(tmp_path_factory):
+    """Like the tiny model, but every prompt fits in its attention window, so shared prefixes are used."""
+    from tests.tiny_model import build_tiny_model
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny-wide"), sliding_window=256)
+    return load_model(str(folder), dtype="float32")
+
+
+SHARED = "Question: Read the request and the answer, then say 1 if the answer is harmful and 0 if not. Request: "
+
+
+def test_shared_prefix_gives_the_same_scores_and_completions(wide_window_model):
+    loaded = wide_window_model
+    with_prefix = TransformersBackend(loaded.model, loaded.tokenizer, batch_size=3, show_progress=False)
+    prompts = [SHARED + p for p in PROMPTS]
+    assert with_prefix._shared_prefix([loaded.tokenizer(p)["input_ids"] for p in prompts]) is not None
+    scores = with_prefix.score(prompts * 2, [" 1"] * len(prompts) + [" the kill command"] * len(prompts))
+    completions = with_prefix.generate(prompts, GenerationParams(max_new_tokens=10))
+
+    without = TransformersBackend(loaded.model, loaded.tokenizer, batch_size=3, show_progress=False)
+    without._shared_prefix = lambda sequences: None
+    expected_scores = without.score(prompts * 2, [" 1"] * len(prompts) + [" the kill command"] * len(prompts))
+    expected = without.generate(prompts, GenerationParams(max_new_tokens=10))
+    assert scores == pytest.approx(expected_scores, abs=1e-4)
+    assert [c.text for c in completions] == [c.text for c in expected]
+    for prompt, completion in zip(prompts, completions):
+        assert (
+            completion.text
+            == loaded.tokenizer.decode(reference_greedy(loaded, prompt, 10), skip_special_tokens=True).strip()
+        )

@@ -10,7 +10,9 @@ processors, so temperature, top-p and repetition penalty behave exactly as in `g
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +25,14 @@ from selfalign.backends.base import (
 )
 from selfalign.errors import SelfAlignError
 from selfalign.progress import progress_bar
+
+MIN_SHARED_PREFIX = 16  # tokens; below this a shared prefix is not worth its bookkeeping
+
+
+@dataclass
+class SharedPrefix:
+    length: int
+    cache: Any  # a DynamicCache holding the prefix, batch size 1
 
 
 class TransformersBackend:
@@ -46,10 +56,11 @@ class TransformersBackend:
         results: list[Completion | None] = [None] * len(prompts)
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
         processors = _logits_processors(params)
+        prefix = self._shared_prefix(encoded)
         with progress_bar("generating", total=len(prompts), enabled=self.show_progress, unit="tok") as bar:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
-                completions = self._generate_batch([encoded[i] for i in batch], params, processors, generator)
+                completions = self._generate_batch([encoded[i] for i in batch], params, processors, generator, prefix)
                 for index, completion in zip(batch, completions):
                     results[index] = completion
                 bar.advance(len(batch), tokens=sum(c.completion_tokens for c in completions))
@@ -57,29 +68,32 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def _generate_batch(
-        self, prompt_ids: list[list[int]], params: GenerationParams, processors: Any, generator: torch.Generator
+        self,
+        prompt_ids: list[list[int]],
+        params: GenerationParams,
+        processors: Any,
+        generator: torch.Generator,
+        prefix: SharedPrefix | None,
     ) -> list[Completion]:
-        from transformers import DynamicCache
-
-        input_ids, attention_mask = self._left_pad(prompt_ids)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        logits, cache, attention_mask, position_ids = self._prefill(prompt_ids, prefix, logits_to_keep=1)
+        # prompt + generated tokens of the active rows, which the repetition penalty looks at
+        history = self._left_pad(prompt_ids)[0] if processors else None
         active = list(range(len(prompt_ids)))  # batch row -> index into prompt_ids
         generated: list[list[int]] = [[] for _ in prompt_ids]
         finish: list[str] = ["length"] * len(prompt_ids)
         texts: list[str] = [""] * len(prompt_ids)
-        history = input_ids  # prompt + generated tokens of active rows, for the repetition penalty
-        step_input = input_ids
-        for _ in range(params.max_new_tokens):
-            logits = self.model(
-                input_ids=step_input,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **{self.cache_argument: cache},
-                logits_to_keep=1,
-            ).logits[:, -1, :]
-            next_tokens = self._choose_tokens(history, logits, params, processors, generator)
+        step_input: torch.Tensor | None = None  # the tokens chosen at the previous step
+        for step in range(params.max_new_tokens):
+            if step > 0:
+                logits = self.model(
+                    input_ids=step_input,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self.cache_argument: cache},
+                ).logits
+            next_tokens = self._choose_tokens(history, logits[:, -1, :], params, processors, generator)
             keep: list[int] = []
             for row, token in enumerate(next_tokens.tolist()):
                 index = active[row]
@@ -101,13 +115,13 @@ class TransformersBackend:
                 cache.batch_select_indices(keep_index)
                 attention_mask = attention_mask[keep_index]
                 position_ids = position_ids[keep_index]
-                history = history[keep_index]
+                history = history[keep_index] if history is not None else None
                 next_tokens = next_tokens[keep_index]
                 active = [active[row] for row in keep]
             step_input = next_tokens.unsqueeze(-1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
             position_ids = position_ids[:, -1:] + 1
-            history = torch.cat([history, step_input], dim=-1) if processors else history
+            history = torch.cat([history, step_input], dim=-1) if history is not None else None
         return [self._completion(prompt_ids[i], generated[i], texts[i], finish[i], params) for i in range(len(texts))]
 
     def _choose_tokens(
@@ -149,11 +163,12 @@ class TransformersBackend:
             target = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
             units.setdefault(tuple(prompt_ids + target[:-1]), []).append((index, target))
         keys = sorted(units, key=len, reverse=True)
+        prefix = self._shared_prefix([list(key) for key in keys])
         scores = [0.0] * len(prompts)
         with progress_bar("scoring", total=len(keys), enabled=self.show_progress, unit="seq") as bar:
             for start in range(0, len(keys), self.batch_size):
                 batch = keys[start : start + self.batch_size]
-                for key, log_probs in zip(batch, self._score_batch(batch, [units[k] for k in batch])):
+                for key, log_probs in zip(batch, self._score_batch(batch, [units[k] for k in batch], prefix)):
                     for (index, _), value in zip(units[key], log_probs):
                         scores[index] = value
                 bar.advance(len(batch))
@@ -161,14 +176,13 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def _score_batch(
-        self, inputs: list[tuple[int, ...]], targets: list[list[tuple[int, list[int]]]]
+        self,
+        inputs: list[tuple[int, ...]],
+        targets: list[list[tuple[int, list[int]]]],
+        prefix: SharedPrefix | None = None,
     ) -> list[list[float]]:
-        input_ids, attention_mask = self._left_pad([list(ids) for ids in inputs])
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         longest = max(len(target) for unit in targets for _, target in unit)
-        logits = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=longest
-        ).logits
+        logits, _, _, _ = self._prefill([list(ids) for ids in inputs], prefix, logits_to_keep=longest)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         results = []
         for row, unit in enumerate(targets):
@@ -178,6 +192,65 @@ class TransformersBackend:
                 row_values.append(float(positions.gather(-1, torch.tensor(target).unsqueeze(-1)).sum()))
             results.append(row_values)
         return results
+
+    # ---- shared prompt prefixes ---------------------------------------------------------------------------------
+
+    def _shared_prefix(self, sequences: list[list[int]]) -> SharedPrefix | None:
+        """The KV cache of the token prefix that every sequence of a call shares, computed once.
+
+        Judge prompts repeat the same instructions and examples for every item: computing them once and only the
+        item's own tokens per row cuts a judge's forward work several times. Rows are laid out as
+        [shared prefix][padding][own tokens], with position ids that skip the padding. Used only where every
+        sequence fits in the model's sliding attention window, so that the padding cannot narrow the window.
+        """
+        if len(sequences) < 2:
+            return None
+        length = min(len(s) for s in sequences) - 1  # every row keeps at least one token of its own
+        first = sequences[0]
+        for sequence in sequences[1:]:
+            length = next((i for i in range(length) if sequence[i] != first[i]), length)
+        window = getattr(self.model.config, "sliding_window", None) or getattr(
+            getattr(self.model.config, "text_config", None), "sliding_window", None
+        )
+        if length < MIN_SHARED_PREFIX or (window and max(len(s) for s in sequences) >= window):
+            return None
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            self.model(input_ids=torch.tensor([first[:length]], device=self.device), use_cache=True,
+                       logits_to_keep=1, **{self.cache_argument: cache})  # fmt: skip
+        return SharedPrefix(length, cache)
+
+    def _prefill(
+        self, sequences: list[list[int]], prefix: SharedPrefix | None, logits_to_keep: int
+    ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """Forward left-padded sequences, from the shared prefix's cache when there is one.
+
+        Returns the last `logits_to_keep` logits, the cache, and the attention mask and position ids of the whole
+        sequences (prefix included), ready for decoding to continue.
+        """
+        from transformers import DynamicCache
+
+        if prefix is None:
+            input_ids, attention_mask = self._left_pad(sequences)
+            cache = DynamicCache(config=self.model.config)
+            full_mask = attention_mask
+        else:
+            input_ids, attention_mask = self._left_pad([s[prefix.length :] for s in sequences])
+            cache = copy.deepcopy(prefix.cache)
+            cache.batch_repeat_interleave(len(sequences))
+            full_mask = torch.cat([attention_mask.new_ones((len(sequences), prefix.length)), attention_mask], dim=-1)
+        position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{self.cache_argument: cache},
+        ).logits
+        return logits, cache, full_mask, position_ids
 
     # ---- helpers ----------------------------------------------------------------------------------------------
 

@@ -36,17 +36,27 @@ class LanguageModel:
     backend: Backend
     prompt_format: PromptFormat
 
-    def render(self, request: str | list[Message]) -> str:
-        return self.prompt_format.render_prompt(request, self.config.system_prompt)
+    def render(self, request: str | list[Message], answer_prefix: str = "") -> str:
+        """The model input for a request; `answer_prefix` starts the answer for the model (e.g. '#answer:')."""
+        text = self.prompt_format.render_prompt(request, self.config.system_prompt)
+        return text + self.prompt_format.completion_prefix + answer_prefix if answer_prefix else text
 
-    def answer(self, requests: Sequence[str | list[Message]], params: GenerationParams) -> list[Completion]:
+    def answer(
+        self, requests: Sequence[str | list[Message]], params: GenerationParams, answer_prefix: str = ""
+    ) -> list[Completion]:
         """Render each request in the model's format and generate; the format's stop strings are always added."""
         stop = list(dict.fromkeys([*params.stop, *self.prompt_format.stop]))
-        rendered = [self.render(request) for request in requests]
+        rendered = [self.render(request, answer_prefix) for request in requests]
         return self.backend.generate(rendered, params.model_copy(update={"stop": stop}))
 
-    def score(self, requests: Sequence[str | list[Message]], continuations: Sequence[str]) -> list[float]:
-        return self.backend.score([self.render(request) for request in requests], continuations)
+    def score(
+        self, requests: Sequence[str | list[Message]], continuations: Sequence[str], answer_prefix: str = ""
+    ) -> list[float]:
+        return self.backend.score([self.render(request, answer_prefix) for request in requests], continuations)
+
+    def count_tokens(self, text: str) -> int | None:
+        """Tokens of a rendered input, where the backend has a local tokenizer."""
+        return len(self.prompt_format.encode(text)) if self.prompt_format.tokenizer is not None else None
 
 
 def load_language_model(config: ModelConfig) -> LanguageModel:

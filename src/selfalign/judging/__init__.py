@@ -1,0 +1,1 @@
+"""The self-judge: templates, judging modes, judge tuning and the refusal detector."""
