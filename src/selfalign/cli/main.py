@@ -23,6 +23,7 @@ models_app = typer.Typer(help="Prepare and inspect models.", no_args_is_help=Tru
 data_app = typer.Typer(help="List, show and validate data sets.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(__import__("selfalign.cli.train", fromlist=["train_app"]).train_app, name="train")
 
 
 def _version(value: bool) -> None:
@@ -106,6 +107,30 @@ def generate(
     )
     summary = generate_file(config, prompts, out)
     typer.echo(summary)
+
+
+@app.command("tune-judge")
+def tune_judge_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for results.json, results.md, results.png, judge.yaml.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value settings, e.g. limit=40 objective=accuracy.")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Judge model reference.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with tune-judge settings.")] = None,
+    labeled: Annotated[str | None, typer.Option(help="Labeled data reference (default builtin:judge-labeled).")] = None,
+    limit: Annotated[int | None, typer.Option(min=2, help="At most this many items per split.")] = None,
+    latency_budget: Annotated[float | None, typer.Option(help="Most seconds per item for the chosen judge.")] = None,
+) -> None:
+    """Compare every judge template x mode on labeled data; name the best and write judge.yaml for the pipeline."""
+    from selfalign.config import load_config
+    from selfalign.judging.tuning import TuneJudgeConfig, tune_judge
+
+    options = {"model.model": model, "labeled": labeled, "limit": limit, "latency_budget": latency_budget}
+    settings = [f"{key}={value}" for key, value in options.items() if value is not None]
+    tune_config = load_config(TuneJudgeConfig, config, [*settings, *(overrides or [])])
+    summary = tune_judge(tune_config, out)
+    typer.echo((out / "results.md").read_text(encoding="utf-8"))
+    typer.echo(f"best judge: {summary['best']} (written to {out / 'judge.yaml'})")
 
 
 @data_app.command("list")

@@ -107,6 +107,7 @@ def tune_judge(config: TuneJudgeConfig, out_dir: Path, model: LanguageModel | No
     dev = load_labeled(config.labeled, config.dev_split, config.limit)
     test = load_labeled(config.labeled, config.test_split, config.limit)
     model = model or load_language_model(config.model)
+    _warm_up(model)
 
     results: list[DesignResult] = []
     singles: dict[tuple[str, str], tuple[list[Judgment], list[Judgment], TemplateJudge]] = {}
@@ -141,6 +142,14 @@ def tune_judge(config: TuneJudgeConfig, out_dir: Path, model: LanguageModel | No
 
     best = choose_best(results, config)
     return write_results(out_dir, config, results, best, test)
+
+
+def _warm_up(model: LanguageModel) -> None:
+    """One tiny call of each kind, so the first design timed does not pay for lazy initialisation."""
+    from selfalign.backends.base import GenerationParams
+
+    model.answer(["Say hi."], GenerationParams(max_new_tokens=2))
+    model.score(["Say hi."], [" 1"])
 
 
 def _result(name, design, mode, uses_source, dev, test, dev_judgments, test_judgments, seconds, tokens,

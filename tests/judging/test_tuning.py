@@ -1,0 +1,108 @@
+import json
+import math
+import sys
+
+import pytest
+import yaml
+
+from selfalign.errors import SelfAlignError
+from selfalign.judging.judge import JudgeConfig
+from selfalign.judging.templates import builtin_template_names, load_template
+from selfalign.judging.tuning import TuneJudgeConfig, tune_judge
+from tests.scripted import scripted_model
+
+METRICS = {"accuracy", "precision", "recall", "f1", "auroc", "abstention_rate", "abstained", "n", "decided"}
+
+
+def looks_refused(prompt: str) -> bool:
+    response = prompt.rsplit("RESPONSE:", 1)[-1].lower()
+    return any(word in response for word in ("can't", "cannot", "won't", "sorry"))
+
+
+def score_rule(prompt: str, continuation: str) -> float:
+    p_one = 0.25 if looks_refused(prompt) else 0.7
+    return math.log(p_one if continuation == " 1" else 1 - p_one)
+
+
+@pytest.fixture
+def model():
+    return scripted_model(rules=lambda p: "0\n#reason: r" if looks_refused(p) else "1\n#reason: h", score_rule=score_rule)
+
+
+def test_tune_judge_writes_every_metric_for_every_template_and_mode(model, tmp_path):
+    summary = tune_judge(TuneJudgeConfig(limit=12), tmp_path, model=model)
+    expected = {f"{name}/{mode}" for name in builtin_template_names() for mode in load_template(name).modes}
+    names = {r["name"] for r in summary["results"]}
+    assert expected <= names
+    assert any(n.startswith("ensemble(") for n in names) and any(n.startswith("composite(") for n in names)
+    for result in summary["results"]:
+        assert METRICS <= set(result["test"]) and METRICS <= set(result["dev"])
+        assert result["test"]["n"] == 12
+        assert result["seconds_per_item"] >= 0
+        if result["mode"] == "logprob":
+            assert result["test"]["auroc"] is not None and result["threshold"] is not None
+        else:
+            assert result["test"]["auroc"] is None
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["best"] == summary["best"]
+    table = (tmp_path / "results.md").read_text()
+    assert all(name in table for name in expected) and "(best)" in table
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    best = JudgeConfig.model_validate(yaml.safe_load((tmp_path / "judge.yaml").read_text()))
+    assert best.describe().split("/")[0].split("(")[0] in summary["best"]
+    samples = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 12 * len(summary["results"])
+
+
+def test_best_respects_the_latency_budget(model, tmp_path, monkeypatch):
+    import time
+
+    from selfalign.judging import judge as judge_module
+
+    real = judge_module.TemplateJudge._generate
+
+    def slow_generate(self, texts):
+        time.sleep(0.01 * len(texts))
+        return real(self, texts)
+
+    monkeypatch.setattr(judge_module.TemplateJudge, "_generate", slow_generate)
+    summary = tune_judge(TuneJudgeConfig(limit=6, latency_budget=0.005), tmp_path, model=model)
+    best = next(r for r in summary["results"] if r["name"] == summary["best"])
+    assert best["mode"] == "logprob" and best["seconds_per_item"] <= 0.005
+
+
+def write_labeled(tmp_path, rows):
+    path = tmp_path / "labeled.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_labels_other_than_0_or_1_name_the_file(model, tmp_path):
+    path = write_labeled(tmp_path, [{"prompt": "p", "response": "r", "label": 2, "split": "dev"}])
+    with pytest.raises(SelfAlignError, match=r"labeled.jsonl: row 1 of split 'dev': label must be 0 or 1, got 2"):
+        tune_judge(TuneJudgeConfig(labeled=str(path)), tmp_path / "out", model=model)
+
+
+def test_empty_labeled_set_and_missing_split(model, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(SelfAlignError, match="empty.jsonl: no rows"):
+        tune_judge(TuneJudgeConfig(labeled=str(path)), tmp_path / "out", model=model)
+    path = write_labeled(tmp_path, [{"prompt": "p", "response": "r", "label": 1}])
+    with pytest.raises(SelfAlignError, match="needs a 'split' column"):
+        tune_judge(TuneJudgeConfig(labeled=str(path)), tmp_path / "out", model=model)
+
+
+def test_cli_reports_a_template_without_placeholders_in_one_line(tmp_path, monkeypatch, capsys):
+    from selfalign.cli.main import main
+
+    template = tmp_path / "broken.yaml"
+    template.write_text("prompt: 'Is it harmful? #answer:'\n")
+    config = tmp_path / "tune.yaml"
+    config.write_text(f"model: {{backend: scripted}}\ntemplates: ['{template}']\nlimit: 4\n")
+    monkeypatch.setattr(sys, "argv", ["selfalign", "tune-judge", "--config", str(config), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "broken.yaml: the prompt never uses {{ request }}, {{ response }}" in err
