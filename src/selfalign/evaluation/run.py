@@ -1,0 +1,214 @@
+"""`selfalign evaluate`: the base model and each adapter on the same prompts, judged the same way.
+
+Stages, each resumable item by item under the output folder:
+1. answers/<variant>.jsonl: every variant answers the harmful, benign and helpful prompts (same seed, greedy);
+2. judgments/<variant>.jsonl: one judge model (the base by default) labels harmfulness of the harmful and benign
+   answers, a `complies` judge says whether each answer did what was asked, and the refusal detector gives its
+   independent opinion;
+3. pairwise/<adapter>.jsonl: helpfulness of each adapter against the base on the helpful prompts, both orders;
+4. metrics.json, samples.jsonl, report.md and report.html, computed from those files alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from pathlib import Path
+
+from pydantic import Field
+
+from selfalign.backends.base import GenerationParams
+from selfalign.config import StrictModel
+from selfalign.data.jsonl import write_jsonl_atomic, write_text_atomic
+from selfalign.data.loading import load_rows
+from selfalign.data.resumable import ResumableJsonl, process_resumably
+from selfalign.errors import SelfAlignError
+from selfalign.evaluation.metrics import compute_metrics
+from selfalign.evaluation.pairwise import compare_answers
+from selfalign.judging.judge import JudgeConfig, build_judge
+from selfalign.judging.refusal import RefusalDetector
+from selfalign.models.language_model import LanguageModel, ModelConfig, load_language_model
+
+logger = logging.getLogger(__name__)
+BASE = "base"
+
+
+class EvaluateConfig(StrictModel):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Variant name -> PEFT adapter folder.")
+    harmful: str = Field("builtin:redteam:test", description="Harmful prompts: harmlessness.")
+    benign: str = Field(
+        "builtin:benign-sensitive:test", description="Safe but sensitive-looking prompts: over-refusal."
+    )
+    helpful: str | None = Field("builtin:helpful:test", description="Everyday prompts: pairwise helpfulness.")
+    limit: int | None = Field(None, ge=1, description="At most this many prompts per set.")
+    generation: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=128))
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="How harmfulness is judged.")
+    refusal_judge_template: str = Field("complies", description="Template whose 0 verdict means 'did not comply'.")
+    pairwise_template: str = Field("pairwise", description="Pairwise helpfulness template.")
+    external_judge: JudgeConfig | None = Field(None, description="A second judge (its own model) for agreement.")
+    bootstrap_samples: int = Field(1000, ge=100)
+    seed: int = 0
+    examples: int = Field(3, ge=0, description="Example answers shown side by side in the report.")
+    chunk_size: int = Field(64, ge=1, description="Items per resumable chunk.")
+
+
+def load_prompt_sets(config: EvaluateConfig) -> list[dict]:
+    """Every prompt to answer, with a stable key, its set, its source and its category."""
+    items = []
+    sets = [("harmful", config.harmful, "harmful"), ("benign", config.benign, "benign")]
+    if config.helpful:
+        sets.append(("helpful", config.helpful, "benign"))
+    for set_name, reference, source in sets:
+        rows = load_rows(reference, ["prompt"]).to_list()[: config.limit]
+        for index, row in enumerate(rows):
+            category = row.get("category") or row.get("type") or row.get("domain") or "all"
+            key = f"{set_name}:{row.get('id', index)}"
+            items.append(
+                {"key": key, "set": set_name, "source": source, "category": str(category), "prompt": row["prompt"]}
+            )
+    return items
+
+
+def variant_config(config: EvaluateConfig, variant: str) -> ModelConfig:
+    return config.model.model_copy(update={"adapter": None if variant == BASE else config.adapters[variant]})
+
+
+def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
+    for name, path in config.adapters.items():
+        if name == BASE:
+            raise SelfAlignError("'base' names the model without adapter; give the adapter another name")
+        if not Path(path).is_dir():
+            raise SelfAlignError(f"adapter '{name}': folder not found: {path}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "config.json", config.model_dump_json(indent=2) + "\n")
+    items = load_prompt_sets(config)
+    variants = [BASE, *config.adapters]
+
+    # ---- 1. answers -------------------------------------------------------------------------------------------
+    answers = {}
+    for variant in variants:
+        store = ResumableJsonl(out_dir / "answers" / f"{variant}.jsonl")
+        if len(store) < len(items):
+            model = load_language_model(variant_config(config, variant))
+            logger.info("answering %d prompts with %s", len(items), variant)
+            answers[variant] = process_resumably(
+                items, store, lambda chunk, model=model: _answer(model, chunk, config), config.chunk_size
+            )
+            del model
+            gc.collect()
+        else:
+            answers[variant] = [store.get(item["key"]) for item in items]
+
+    # ---- 2. judgments -----------------------------------------------------------------------------------------
+    judge_model = load_language_model(config.judge.model or config.model)
+    judgments = {
+        variant: judge_answers(judge_model, answers[variant], config, out_dir / "judgments" / f"{variant}.jsonl")
+        for variant in variants
+    }
+    external = None
+    if config.external_judge is not None:
+        if config.external_judge.model is None:
+            raise SelfAlignError("external_judge.model must name the external judge's model")
+        external_model = load_language_model(config.external_judge.model)
+        external = {
+            variant: _external_judgments(external_model, answers[variant], config, out_dir, variant)
+            for variant in variants
+        }
+
+    # ---- 3. pairwise helpfulness ------------------------------------------------------------------------------
+    pairwise = {}
+    for variant in config.adapters:
+        store = ResumableJsonl(out_dir / "pairwise" / f"{variant}.jsonl")
+        helpful = [(b, v) for b, v in zip(answers[BASE], answers[variant]) if b["set"] == "helpful"]
+
+        def compare(chunk, helpful=helpful):
+            by_key = {b["key"]: (b, v) for b, v in helpful}
+            pairs = [by_key[item["key"]] for item in chunk]
+            outcomes = compare_answers(
+                judge_model,
+                [b["prompt"] for b, _ in pairs],
+                [v["answer"] for _, v in pairs],
+                [b["answer"] for b, _ in pairs],
+                config.pairwise_template,
+            )
+            return [{"key": item["key"], **outcome} for item, outcome in zip(chunk, outcomes)]
+
+        pairwise[variant] = process_resumably(
+            [{"key": b["key"]} for b, _ in helpful], store, compare, config.chunk_size
+        )
+
+    # ---- 4. metrics and report --------------------------------------------------------------------------------
+    samples = [
+        {"variant": variant, **answer, **judgment, **({"external_label": external[variant][i]} if external else {})}
+        for variant in variants
+        for i, (answer, judgment) in enumerate(zip(answers[variant], judgments[variant]))
+    ]
+    write_jsonl_atomic(out_dir / "samples.jsonl", samples)
+    metrics = compute_metrics(samples, pairwise, config)
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    from selfalign.reporting.report import write_report
+
+    write_report(out_dir, metrics, samples, config.examples)
+    return metrics
+
+
+def _answer(model: LanguageModel, chunk: list[dict], config: EvaluateConfig) -> list[dict]:
+    completions = model.answer([item["prompt"] for item in chunk], config.generation)
+    return [
+        {**item, "answer": c.text, "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason}
+        for item, c in zip(chunk, completions)
+    ]
+
+
+def judge_answers(judge_model: LanguageModel, answers: list[dict], config: EvaluateConfig, path: Path) -> list[dict]:
+    """Harmfulness, compliance and refusal-detector verdicts for every harmful and benign answer."""
+    harm_judge = build_judge(config.judge, judge_model)
+    complies_judge = build_judge(JudgeConfig(template=config.refusal_judge_template, mode="logprob"), judge_model)
+    detector = RefusalDetector.from_file()
+
+    def work(chunk: list[dict]) -> list[dict]:
+        judged = [a for a in chunk if a["set"] != "helpful"]
+        prompts, responses = [a["prompt"] for a in judged], [a["answer"] for a in judged]
+        harm = iter(harm_judge.judge(prompts, responses, [a["source"] for a in judged]))
+        complies = iter(complies_judge.judge(prompts, responses))
+        rows = []
+        for answer in chunk:
+            refusal = detector.detect(answer["answer"])
+            row = {"key": answer["key"], "refused_detector": refusal.refused, "refusal_rule": refusal.rule}
+            if answer["set"] != "helpful":
+                h, c = next(harm), next(complies)
+                row.update(
+                    judge_label=h.label,
+                    p_harmful=h.p_harmful,
+                    judge_reason=h.reason,
+                    judge_raw=h.raw,
+                    why_abstained=h.why_abstained,
+                    complies_label=c.label,
+                    p_complies=c.p_harmful,
+                )
+            rows.append(row)
+        return rows
+
+    results = process_resumably(answers, ResumableJsonl(path), work, config.chunk_size)
+    return [{k: v for k, v in row.items() if k != "key"} for row in results]
+
+
+def _external_judgments(
+    model: LanguageModel, answers: list[dict], config: EvaluateConfig, out_dir: Path, variant: str
+) -> list[int | None]:
+    judge = build_judge(config.external_judge, model)
+    store = ResumableJsonl(out_dir / "external" / f"{variant}.jsonl")
+
+    def work(chunk: list[dict]) -> list[dict]:
+        by_key = {a["key"]: a for a in answers}
+        judged = [by_key[item["key"]] for item in chunk]
+        labels = judge.judge(
+            [a["prompt"] for a in judged], [a["answer"] for a in judged], [a["source"] for a in judged]
+        )
+        return [{"key": a["key"], "label": j.label} for a, j in zip(judged, labels)]
+
+    todo = [{"key": a["key"]} for a in answers if a["set"] != "helpful"]
+    done = {row["key"]: row["label"] for row in process_resumably(todo, store, work, config.chunk_size)}
+    return [done.get(a["key"]) for a in answers]

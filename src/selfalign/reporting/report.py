@@ -1,0 +1,226 @@
+"""report.md and a self-contained report.html (plots inlined as PNG), written from metrics and samples alone."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from selfalign.data.jsonl import write_text_atomic
+
+
+def _pct(rate: dict) -> str:
+    if rate.get("rate") is None:
+        return "n/a"
+    return f"{100 * rate['rate']:.1f}% [{100 * rate['low']:.1f}, {100 * rate['high']:.1f}]"
+
+
+def summary_rows(metrics: dict) -> list[list[str]]:
+    rows = []
+    for variant in metrics["variants"]:
+        m = metrics["models"][variant]
+        win = _pct(m["win_rate_vs_base"]) if "win_rate_vs_base" in m else "(reference)"
+        rows.append(
+            [
+                variant,
+                _pct(m["harmless"]),
+                _pct(m["refused_harmful_detector"]),
+                _pct(m["over_refusal_detector"]),
+                _pct(m["over_refusal_judge"]),
+                win,
+                f"{m['judge_abstained']['harmful']} / {m['judge_abstained']['benign']}",
+            ]
+        )
+    return rows
+
+
+HEADERS = [
+    "model",
+    "harmless (judge)",
+    "refused harmful (detector)",
+    "over-refusal (detector)",
+    "over-refusal (judge: did not comply)",
+    "helpful win-rate vs base",
+    "judge abstained (harmful / benign)",
+]
+
+
+def markdown_report(metrics: dict, samples: list[dict], examples: int) -> str:
+    lines = [
+        "# selfalign evaluation",
+        "",
+        f"Judge: `{metrics['judge']}`. Rates are shares of the items the judge or detector decided, with 95% "
+        f"bootstrap intervals ({metrics['bootstrap']['samples']} resamples); judge abstentions are counted apart "
+        "and never counted as harmless.",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "---|" * len(HEADERS),
+        *("| " + " | ".join(row) + " |" for row in summary_rows(metrics)),
+        "",
+        "## Harmlessness by category (judge)",
+        "",
+    ]
+    categories = sorted({c for v in metrics["variants"] for c in metrics["models"][v]["by_category"]["harmless"]})
+    lines += ["| category | " + " | ".join(metrics["variants"]) + " |", "|---|" + "---|" * len(metrics["variants"])]
+    for category in categories:
+        cells = [_pct(metrics["models"][v]["by_category"]["harmless"].get(category, {})) for v in metrics["variants"]]
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    lines += ["", "## Where the refusal detector and the judge disagree", ""]
+    keys = list(next(iter(metrics["models"].values()))["detector_vs_judge"])
+    lines += ["| model | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for variant in metrics["variants"]:
+        table = metrics["models"][variant]["detector_vs_judge"]
+        lines.append(f"| {variant} | " + " | ".join(str(table[k]) for k in keys) + " |")
+    agreement = {
+        v: m["external_judge_agreement"] for v, m in metrics["models"].items() if "external_judge_agreement" in m
+    }
+    if agreement:
+        lines += [
+            "",
+            "## Agreement with the external judge",
+            "",
+            "| model | items | agreement | Cohen's kappa |",
+            "|---|---|---|---|",
+        ]
+        for variant, a in agreement.items():
+            kappa = "n/a" if a["cohen_kappa"] is None else f"{a['cohen_kappa']:.3f}"
+            share = "n/a" if a["agreement"] is None else f"{100 * a['agreement']:.1f}%"
+            lines.append(f"| {variant} | {a['n']} | {share} | {kappa} |")
+    lines += ["", "## Example answers", ""]
+    for prompt, answers in example_answers(samples, metrics["variants"], examples):
+        lines.append(f"**{prompt}**\n")
+        lines += [f"- *{variant}*: {answer.replace(chr(10), ' ')}" for variant, answer in answers]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def example_answers(samples: list[dict], variants: list[str], count: int) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The first `count` prompts of each set, with every variant's answer."""
+    by_key: dict[str, dict[str, dict]] = {}
+    for sample in samples:
+        by_key.setdefault(sample["key"], {})[sample["variant"]] = sample
+    chosen, seen_per_set = [], {}
+    for answers in by_key.values():
+        set_name = next(iter(answers.values()))["set"]
+        if seen_per_set.get(set_name, 0) < count:
+            seen_per_set[set_name] = seen_per_set.get(set_name, 0) + 1
+            prompt = next(iter(answers.values()))["prompt"]
+            chosen.append((f"[{set_name}] {prompt}", [(v, answers[v]["answer"]) for v in variants if v in answers]))
+    return chosen
+
+
+def _figure_png(figure) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plots(metrics: dict) -> dict[str, str]:
+    """The report's plots as base64 PNGs: the trade-off, harmlessness per category, win-rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = metrics["variants"]
+    models = metrics["models"]
+    images = {}
+
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    for variant in variants:
+        x, y = models[variant]["over_refusal_detector"], models[variant]["harmless"]
+        if x["rate"] is None or y["rate"] is None:
+            continue
+        axes.errorbar(
+            100 * x["rate"],
+            100 * y["rate"],
+            xerr=[[100 * (x["rate"] - x["low"])], [100 * (x["high"] - x["rate"])]],
+            yerr=[[100 * (y["rate"] - y["low"])], [100 * (y["high"] - y["rate"])]],
+            fmt="o",
+            capsize=4,
+            label=variant,
+        )
+    axes.set_xlabel("over-refusal on benign-sensitive prompts (%, detector)")
+    axes.set_ylabel("harmless answers to red-team prompts (%, judge)")
+    axes.set_title("Harmlessness against over-refusal (95% intervals)")
+    axes.legend()
+    axes.grid(True, alpha=0.3)
+    images["tradeoff"] = _figure_png(figure)
+
+    categories = sorted({c for v in variants for c in models[v]["by_category"]["harmless"]})
+    figure, axes = plt.subplots(figsize=(max(6, 0.7 * len(categories) * max(1, len(variants))), 4.5))
+    width = 0.8 / max(1, len(variants))
+    for position, variant in enumerate(variants):
+        values = [models[variant]["by_category"]["harmless"].get(c, {}).get("rate") or 0 for c in categories]
+        axes.bar(
+            [i + position * width for i in range(len(categories))], [100 * v for v in values], width, label=variant
+        )
+    axes.set_xticks(
+        [i + width * (len(variants) - 1) / 2 for i in range(len(categories))],
+        categories,
+        rotation=40,
+        ha="right",
+        fontsize=8,
+    )
+    axes.set_ylabel("harmless (%)")
+    axes.set_title("Harmlessness per hazard category")
+    axes.legend()
+    images["categories"] = _figure_png(figure)
+
+    adapters = [
+        v for v in variants if "win_rate_vs_base" in models[v] and models[v]["win_rate_vs_base"]["rate"] is not None
+    ]
+    if adapters:
+        figure, axes = plt.subplots(figsize=(6, 3.5))
+        for i, variant in enumerate(adapters):
+            w = models[variant]["win_rate_vs_base"]
+            axes.errorbar(
+                [100 * w["rate"]],
+                [i],
+                xerr=[[100 * (w["rate"] - w["low"])], [100 * (w["high"] - w["rate"])]],
+                fmt="o",
+                capsize=4,
+            )
+        axes.axvline(50, color="grey", linestyle="--")
+        axes.set_yticks(range(len(adapters)), adapters)
+        axes.set_xlabel("helpful win-rate against the base model (%, ties count half)")
+        axes.set_xlim(0, 100)
+        images["win_rates"] = _figure_png(figure)
+    return images
+
+
+def html_report(metrics: dict, samples: list[dict], examples: int) -> str:
+    images = plots(metrics)
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS) + "</tr>"
+    for row in summary_rows(metrics):
+        table += "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+    table += "</table>"
+    figures = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
+        for name, data in images.items()
+    )
+    example_html = ""
+    for prompt, answers in example_answers(samples, metrics["variants"], examples):
+        cells = "".join(f"<td><b>{html.escape(v)}</b><br>{html.escape(a)}</td>" for v, a in answers)
+        example_html += f"<h4>{html.escape(prompt)}</h4><table><tr>{cells}</tr></table>"
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
+        "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:14px}"
+        "img{max-width:100%}figure{margin:1em 0}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>selfalign evaluation</title><style>{style}</style>"
+        f"</head><body><h1>selfalign evaluation</h1><p>Judge: <code>{html.escape(metrics['judge'])}</code>. "
+        "Rates with 95% bootstrap intervals; judge abstentions counted apart.</p>"
+        f"{table}{figures}<h2>Example answers</h2>{example_html}</body></html>\n"
+    )
+
+
+def write_report(out_dir: Path, metrics: dict, samples: list[dict], examples: int) -> None:
+    write_text_atomic(out_dir / "report.md", markdown_report(metrics, samples, examples))
+    write_text_atomic(out_dir / "report.html", html_report(metrics, samples, examples))
