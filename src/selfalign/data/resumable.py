@@ -90,14 +90,16 @@ def process_resumably(
 ) -> list[dict[str, Any]]:
     """Run `work` on the items not yet in `store`, a chunk at a time, saving each chunk as soon as it is done.
 
-    Returns the finished row of every item, in the order of `items`. Chunks bound what a kill can lose to the
-    chunk in flight; bigger chunks batch better.
+    Chunks are fixed by position in `items`, not by what is left to do, so that a resumed run batches every item
+    with the same neighbours as an uninterrupted one (a batched model's output can depend on its batch through
+    padding). Returns the finished row of every item, in the order of `items`.
     """
-    pending = [item for item in items if item[store.key] not in store]
-    for start in range(0, len(pending), chunk_size):
-        chunk = pending[start : start + chunk_size]
-        finished = work(chunk)
-        if sorted(map(str, (row[store.key] for row in finished))) != sorted(map(str, (i[store.key] for i in chunk))):
+    for start in range(0, len(items), chunk_size):
+        pending = [item for item in items[start : start + chunk_size] if item[store.key] not in store]
+        if not pending:
+            continue
+        finished = work(pending)
+        if sorted(str(row[store.key]) for row in finished) != sorted(str(item[store.key]) for item in pending):
             raise SelfAlignError(f"{store.path}: a chunk's results do not match its items")
         store.append(finished)
     return [store.get(item[store.key]) for item in items]  # type: ignore[misc]
