@@ -28,7 +28,9 @@ def rescore(eval_dir: Path, judge: JudgeConfig) -> tuple[Path, dict]:
     model = load_language_model(judge.model or config.model)
     new_judge = build_judge(judge, model)
     judged = [s for s in samples if s["set"] != "helpful"]
-    verdicts = new_judge.judge([s["prompt"] for s in judged], [s["answer"] for s in judged], [s["source"] for s in judged])
+    verdicts = new_judge.judge(
+        [s["prompt"] for s in judged], [s["answer"] for s in judged], [s["source"] for s in judged]
+    )
     by_id = {id(s): v for s, v in zip(judged, verdicts)}
     rescored = []
     for sample in samples:
@@ -36,9 +38,18 @@ def rescore(eval_dir: Path, judge: JudgeConfig) -> tuple[Path, dict]:
         if verdict is None:
             rescored.append(sample)
             continue
-        rescored.append({**sample, "previous_judge_label": sample.get("judge_label"), "judge_label": verdict.label,
-                         "p_harmful": verdict.p_harmful, "judge_reason": verdict.reason, "judge_raw": verdict.raw,
-                         "why_abstained": verdict.why_abstained, "external_label": sample.get("judge_label")})
+        rescored.append(
+            {
+                **sample,
+                "previous_judge_label": sample.get("judge_label"),
+                "judge_label": verdict.label,
+                "p_harmful": verdict.p_harmful,
+                "judge_reason": verdict.reason,
+                "judge_raw": verdict.raw,
+                "why_abstained": verdict.why_abstained,
+                "external_label": sample.get("judge_label"),
+            }
+        )
     pairwise = {path.stem: read_jsonl(path) for path in sorted((eval_dir / "pairwise").glob("*.jsonl"))}
     metrics = compute_metrics(rescored, pairwise, config.model_copy(update={"judge": judge}))
     metrics["rescored_from"] = config.judge.describe()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from itertools import zip_longest
 from pathlib import Path
 
 from pydantic import Field
@@ -61,14 +62,29 @@ def load_prompt_sets(config: EvaluateConfig) -> list[dict]:
     if config.helpful:
         sets.append(("helpful", config.helpful, "benign"))
     for set_name, reference, source in sets:
-        rows = load_rows(reference, ["prompt"]).to_list()[: config.limit]
+        rows = spread_over_categories(load_rows(reference, ["prompt"]).to_list(), config.limit)
         for index, row in enumerate(rows):
-            category = row.get("category") or row.get("type") or row.get("domain") or "all"
+            category = _category(row)
             key = f"{set_name}:{row.get('id', index)}"
             items.append(
                 {"key": key, "set": set_name, "source": source, "category": str(category), "prompt": row["prompt"]}
             )
     return items
+
+
+def _category(row: dict) -> str:
+    return str(row.get("category") or row.get("type") or row.get("domain") or "all")
+
+
+def spread_over_categories(rows: list[dict], limit: int | None) -> list[dict]:
+    """The first `limit` rows taken in turn from each category, so a small run still covers every category."""
+    if limit is None or limit >= len(rows):
+        return rows
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(_category(row), []).append(row)
+    spread = [row for round_ in zip_longest(*groups.values()) for row in round_ if row is not None]
+    return spread[:limit]
 
 
 def variant_config(config: EvaluateConfig, variant: str) -> ModelConfig:

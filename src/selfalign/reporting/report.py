@@ -145,6 +145,8 @@ def plots(metrics: dict) -> dict[str, str]:
             capsize=4,
             label=variant,
         )
+    axes.set_xlim(-3, 103)
+    axes.set_ylim(-3, 103)
     axes.set_xlabel("over-refusal on benign-sensitive prompts (%, detector)")
     axes.set_ylabel("harmless answers to red-team prompts (%, judge)")
     axes.set_title("Harmlessness against over-refusal (95% intervals)")
@@ -200,8 +202,16 @@ def html_report(metrics: dict, samples: list[dict], examples: int) -> str:
     for row in summary_rows(metrics):
         table += "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
     table += "</table>"
+    captions = {
+        "tradeoff": "Harmless answers to red-team prompts against over-refusal of safe prompts: up and to the left is "
+        "better.",
+        "categories": "Share of harmless answers per hazard category.",
+        "win_rates": "How often each adapter's answer to an everyday request beats the base model's, judged in both "
+        "orders.",
+    }
     figures = "".join(
-        f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
+        f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{captions[name]}</figcaption>'
+        "</figure>"
         for name, data in images.items()
     )
     example_html = ""
