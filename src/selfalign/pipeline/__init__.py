@@ -1,0 +1,46 @@
+"""`selfalign run`: the whole self-alignment loop as cached, resumable stages."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from selfalign.pipeline.config import RunConfig
+from selfalign.pipeline.engine import PlannedStage, build_manifest, run_stages, write_manifest
+from selfalign.pipeline.stages import copy_report, plan_stages
+
+
+def preflight(config: RunConfig) -> None:
+    """Fail on bad data references and templates before any stage spends time."""
+    from selfalign.data.loading import load_rows
+    from selfalign.judging.templates import load_template
+
+    for prompt_set in config.preferences.prompts:
+        load_rows(prompt_set.data, [prompt_set.prompt_column])
+    for reference in (config.evaluation.harmful, config.evaluation.benign, config.evaluation.helpful):
+        if reference:
+            load_rows(reference, ["prompt"])
+    if config.tune_judge is not None:
+        for template in config.tune_judge.templates:
+            load_template(template)
+    else:
+        load_template(config.judge.template)
+
+
+def run_pipeline(
+    config: RunConfig, from_stage: str | None = None, only: str | None = None, dry_run: bool = False
+) -> tuple[list[PlannedStage], dict | None]:
+    """Run the loop (or, with dry_run, only plan it); returns the plan and the manifest written to run.json."""
+    out = Path(config.out)
+    stages = plan_stages(config)
+    if dry_run:
+        plan, _ = run_stages(stages, out, from_stage, only, dry_run=True)
+        return plan, None
+    preflight(config)
+    started = time.perf_counter()
+    plan, state = run_stages(stages, out, from_stage, only)
+    if "report" in state.outputs:
+        copy_report(state.outputs["report"], out)
+    manifest = build_manifest(config, plan, state, out, time.perf_counter() - started)
+    write_manifest(out, manifest)
+    return plan, manifest

@@ -1,0 +1,74 @@
+"""The run config of `selfalign run`: one model, one seed, and a section per stage.
+
+The top-level `model` is the policy, the default judge and the base of every adapter; the pipeline writes it into
+each stage's section, so it is set in one place only. tune-judge's chosen judge is used by the later stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from selfalign.config import StrictModel, load_config
+from selfalign.errors import SelfAlignError
+from selfalign.evaluation.run import EvaluateConfig
+from selfalign.judging.judge import JudgeConfig
+from selfalign.judging.tuning import TuneJudgeConfig
+from selfalign.models.language_model import ModelConfig
+from selfalign.preferences.config import PreferencesConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
+
+
+class TrainingSection(StrictModel):
+    preset: str = Field("cpu-small", description="Training preset (reference, cpu-small, ...).")
+    sft: bool = Field(True, description="Train an SFT adapter on the chosen answers.")
+    dpo: bool = Field(True, description="Train a DPO adapter on the pairs.")
+    dpo_from_sft: bool = Field(False, description="Continue DPO from the SFT adapter instead of from the base.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="TrainingConfig fields, e.g. max_steps: 40.")
+
+
+class RunConfig(StrictModel):
+    out: str = Field("runs/demo", description="Run folder: one subfolder per stage and key, run.json, report.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy, default judge and adapter base.")
+    seed: int = Field(0, ge=0, description="One seed for every stage.")
+    rounds: int = Field(1, ge=1, description="Repeat respond -> judge -> revise -> DPO with the latest adapter.")
+    tune_judge: TuneJudgeConfig | None = Field(
+        default_factory=TuneJudgeConfig, description="Measure the judge designs first; null uses `judge` as given."
+    )
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge when tune_judge is null.")
+    preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    evaluation: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _one_model(self) -> RunConfig:
+        owned = [
+            ("tune_judge.model", self.tune_judge is not None and "model" in self.tune_judge.model_fields_set),
+            ("preferences.policy", "policy" in self.preferences.model_fields_set),
+            ("preferences.judge", "judge" in self.preferences.model_fields_set),
+            ("preferences.judge_file", self.preferences.judge_file is not None),
+            ("preferences.seed", "seed" in self.preferences.model_fields_set),
+            ("evaluation.model", "model" in self.evaluation.model_fields_set),
+            ("evaluation.adapters", bool(self.evaluation.adapters)),
+            ("evaluation.judge", "judge" in self.evaluation.model_fields_set),
+            ("training.settings.model", "model" in self.training.settings),
+            ("training.settings.seed", "seed" in self.training.settings),
+        ]
+        for key, is_set in owned:
+            if is_set:
+                raise ValueError(f"{key} is set by the pipeline (from model, seed, tune-judge and training); remove it")
+        if not (self.training.sft or self.training.dpo):
+            raise ValueError("training: enable sft, dpo or both")
+        if self.training.dpo_from_sft and not (self.training.sft and self.training.dpo):
+            raise ValueError("training.dpo_from_sft needs both sft and dpo")
+        return self
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise SelfAlignError(f"{path}: run config not found")
+    return load_config(RunConfig, path, overrides)

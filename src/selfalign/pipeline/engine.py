@@ -1,0 +1,186 @@
+"""`selfalign run`: tune-judge -> preferences (respond, judge, revise, build) -> SFT -> DPO -> evaluate -> report.
+
+The pipeline only wires stages. Each stage's folder is named by a hash of what changes its output: its settings
+and the content hashes of its inputs. A rerun skips a stage whose folder is complete (`stage.json` is written
+last), reruns a stage whose folder was left unfinished (the stage itself resumes item by item), and a changed
+setting gives the stages it affects new folders while the others stay cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from selfalign.data.jsonl import write_text_atomic
+from selfalign.errors import SelfAlignError
+from selfalign.pipeline.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+STAGE_ORDER = ["tune-judge", "preferences", "sft", "dpo", "evaluate", "report"]
+MARKER = "stage.json"
+
+
+@dataclass
+class Stage:
+    name: str  # unique within a run, e.g. "dpo" or "dpo-round2"
+    kind: str  # one of STAGE_ORDER, for --from/--only
+    inputs: list[str]  # names of the stages whose outputs it reads
+    settings: dict[str, Any]  # everything else that changes its output
+    body: Callable[[dict[str, Path], Path], None]  # (input folders, own folder) -> writes into own folder
+
+
+@dataclass
+class PlannedStage:
+    stage: Stage
+    key: str
+    folder: Path
+    cached: bool
+    will_run: bool
+
+
+@dataclass
+class RunState:
+    outputs: dict[str, Path] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+    records: dict[str, dict] = field(default_factory=dict)
+
+
+def folder_hash(folder: Path, skip: tuple[str, ...] = (MARKER,)) -> str:
+    """Content hash of a stage's outputs: every file's relative path and bytes, checkpoints and progress excluded."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if not path.is_file() or relative in skip or "checkpoint-" in relative or "/stages/" in f"/{relative}":
+            continue
+        digest.update(relative.encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def stage_key(stage: Stage, input_hashes: dict[str, str]) -> str:
+    text = json.dumps(
+        {"stage": stage.kind, "settings": stage.settings, "inputs": input_hashes}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def run_stages(
+    stages: list[Stage], out: Path, from_stage: str | None = None, only: str | None = None, dry_run: bool = False
+) -> tuple[list[PlannedStage], RunState]:
+    """Run (or plan) the stages in order; returns the plan and what each stage produced."""
+    kinds = [s.kind for s in stages]
+    for option, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in kinds:
+            raise SelfAlignError(
+                f"{option} {value}: no such stage in this run; stages: {', '.join(dict.fromkeys(kinds))}"
+            )
+    forced = set()
+    if from_stage is not None:
+        start = kinds.index(from_stage)
+        forced = {s.name for s in stages[start:]}
+    state, plan = RunState(), []
+    for stage in stages:
+        missing = [name for name in stage.inputs if name not in state.hashes]
+        input_hashes = {name: state.hashes.get(name, f"pending:{name}") for name in stage.inputs}
+        key = stage_key(stage, input_hashes)
+        folder = out / stage.kind / f"{stage.name}-{key}"
+        marker = read_marker(folder)
+        cached = marker is not None and not missing
+        selected = only is None or stage.kind == only
+        will_run = selected and (not cached or stage.name in forced)
+        plan.append(PlannedStage(stage, key, folder, cached, will_run))
+        if dry_run:
+            if marker is not None:
+                state.hashes[stage.name], state.outputs[stage.name] = marker["output_hash"], folder
+            continue
+        if not will_run:
+            if marker is not None:
+                state.outputs[stage.name], state.hashes[stage.name] = folder, marker["output_hash"]
+                state.records[stage.name] = marker
+                logger.info("stage %s: cached (%s)", stage.name, folder)
+            continue
+        if missing:
+            hint = "; run without --only first" if only else ""
+            raise SelfAlignError(f"stage {stage.name} needs {', '.join(missing)}, which has not run{hint}")
+        state.records[stage.name] = execute(
+            stage, folder, key, {n: state.outputs[n] for n in stage.inputs}, input_hashes
+        )
+        state.outputs[stage.name], state.hashes[stage.name] = folder, state.records[stage.name]["output_hash"]
+    return plan, state
+
+
+def execute(stage: Stage, folder: Path, key: str, inputs: dict[str, Path], input_hashes: dict[str, str]) -> dict:
+    logger.info("stage %s: running into %s", stage.name, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).unlink(missing_ok=True)  # a forced rerun must not look finished if it is killed
+    started = time.perf_counter()
+    stage.body(inputs, folder)
+    record = {
+        "stage": stage.name,
+        "kind": stage.kind,
+        "key": key,
+        "settings": stage.settings,
+        "inputs": input_hashes,
+        "output_hash": folder_hash(folder),
+        "seconds": round(time.perf_counter() - started, 2),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_text_atomic(folder / MARKER, json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def print_plan(plan: list[PlannedStage]) -> str:
+    lines = []
+    for item in plan:
+        status = "run" if item.will_run else ("cached" if item.cached else "skip")
+        lines.append(f"{item.stage.name:<16} {status:<7} {item.folder}")
+    return "\n".join(lines)
+
+
+def build_manifest(config: RunConfig, plan: list[PlannedStage], state: RunState, out: Path, seconds: float) -> dict:
+    import importlib.metadata as metadata
+    import platform
+
+    packages = {}
+    for name in ("selfalign", "torch", "transformers", "trl", "peft", "datasets", "accelerate"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "python": platform.python_version(),
+        "packages": packages,
+        "seed": config.seed,
+        "config": config.model_dump(mode="json"),
+        "seconds": round(seconds, 2),
+        "stages": {
+            item.stage.name: {
+                "folder": str(item.folder),
+                "ran": item.will_run,
+                **{k: v for k, v in state.records.get(item.stage.name, {}).items() if k not in ("settings", "stage")},
+            }
+            for item in plan
+        },
+        "outputs": {name: str(path) for name, path in state.outputs.items()},
+    }
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    write_text_atomic(out / "run.json", json.dumps(manifest, indent=2, default=str) + "\n")

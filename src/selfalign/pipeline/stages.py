@@ -1,0 +1,203 @@
+"""The stages of `selfalign run`, built from a RunConfig. Each body calls one library entry point."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfalign.data.jsonl import write_text_atomic
+from selfalign.pipeline.config import RunConfig
+from selfalign.pipeline.engine import Stage
+
+ADAPTER_RECORD = "adapter.json"  # written by the training stages: where the adapter folder is
+
+
+def plan_stages(config: RunConfig) -> list[Stage]:
+    model = config.model.model_dump(mode="json")
+    stages: list[Stage] = []
+    judge_inputs: list[str] = []
+    if config.tune_judge is not None:
+        tune = config.tune_judge.model_copy(update={"model": config.model})
+        stages.append(Stage("tune-judge", "tune-judge", [], tune.model_dump(mode="json"), _tune_judge_body(tune)))
+        judge_inputs = ["tune-judge"]
+
+    adapters: dict[str, str] = {}  # variant name -> stage name
+    previous_adapter_stage: str | None = None
+    for round_number in range(1, config.rounds + 1):
+        suffix = "" if round_number == 1 else f"-round{round_number}"
+        policy_inputs = [previous_adapter_stage] if previous_adapter_stage else []
+        preferences = config.preferences.model_copy(update={"seed": config.seed + round_number - 1})
+        settings = {
+            "preferences": preferences.model_dump(mode="json", exclude={"judge", "policy", "out_dir"}),
+            "model": model,
+            "judge": None if judge_inputs else config.judge.model_dump(mode="json"),
+        }
+        stages.append(
+            Stage(
+                f"preferences{suffix}",
+                "preferences",
+                judge_inputs + policy_inputs,
+                settings,
+                _preferences_body(config, preferences, previous_adapter_stage),
+            )
+        )
+
+        training = _training_settings(config)
+        if round_number == 1 and config.training.sft:
+            stages.append(
+                Stage(
+                    "sft",
+                    "sft",
+                    ["preferences"],
+                    {"training": training, "stage": "sft"},
+                    _training_body(config, "sft", "preferences", None),
+                )
+            )
+            adapters["sft"] = "sft"
+        if config.training.dpo:
+            start_from = previous_adapter_stage or ("sft" if config.training.dpo_from_sft else None)
+            name = f"dpo{suffix}"
+            inputs = [f"preferences{suffix}", *([start_from] if start_from else [])]
+            stages.append(
+                Stage(
+                    name,
+                    "dpo",
+                    inputs,
+                    {"training": training, "stage": "dpo"},
+                    _training_body(config, "dpo", f"preferences{suffix}", start_from),
+                )
+            )
+            adapters[name] = name
+            previous_adapter_stage = name
+        elif round_number < config.rounds:
+            previous_adapter_stage = "sft"
+
+    evaluation = config.evaluation.model_copy(update={"model": config.model})
+    settings = {
+        "evaluation": evaluation.model_dump(mode="json", exclude={"adapters", "judge"}),
+        "judge": None if judge_inputs else config.judge.model_dump(mode="json"),
+    }
+    stages.append(
+        Stage(
+            "evaluate",
+            "evaluate",
+            judge_inputs + list(adapters.values()),
+            settings,
+            _evaluate_body(config, evaluation, adapters),
+        )
+    )
+    report_inputs = [s.name for s in stages]
+    stages.append(Stage("report", "report", report_inputs, {}, _report_body(report_inputs)))
+    return stages
+
+
+# ---- bodies ---------------------------------------------------------------------------------------------------
+
+
+def _tune_judge_body(tune: Any):
+    def body(inputs: dict[str, Path], folder: Path) -> None:
+        from selfalign.judging.tuning import tune_judge
+
+        tune_judge(tune, folder)
+
+    return body
+
+
+def judge_for(config: RunConfig, inputs: dict[str, Path]) -> Any:
+    """tune-judge's chosen judge where it ran, else the configured one; it judges with the run's model."""
+    from selfalign.judging.judge import JudgeConfig
+
+    if "tune-judge" in inputs:
+        chosen = JudgeConfig.model_validate(yaml.safe_load((inputs["tune-judge"] / "judge.yaml").read_text()))
+        return chosen
+    return config.judge
+
+
+def adapter_folder(stage_folder: Path) -> str:
+    return json.loads((stage_folder / ADAPTER_RECORD).read_text(encoding="utf-8"))["adapter"]
+
+
+def _preferences_body(config: RunConfig, preferences: Any, policy_adapter_stage: str | None):
+    def body(inputs: dict[str, Path], folder: Path) -> None:
+        from selfalign.preferences.pipeline import run_pipeline
+
+        policy = config.model
+        if policy_adapter_stage is not None:
+            policy = policy.model_copy(update={"adapter": adapter_folder(inputs[policy_adapter_stage])})
+        update: dict[str, Any] = {"policy": policy, "judge": judge_for(config, inputs), "out_dir": str(folder)}
+        if "tune-judge" in inputs:
+            update["judge_results"] = str(inputs["tune-judge"] / "results.json")
+        run_pipeline(preferences.model_copy(update=update), folder)
+
+    return body
+
+
+def _training_settings(config: RunConfig) -> dict[str, Any]:
+    return {
+        "preset": config.training.preset,
+        "settings": config.training.settings,
+        "model": config.model.model,
+        "prompt_format": config.model.prompt_format,
+        "system_prompt": config.model.system_prompt,
+        "seed": config.seed,
+    }
+
+
+def _training_body(config: RunConfig, kind: str, data_stage: str, start_from: str | None):
+    def body(inputs: dict[str, Path], folder: Path) -> None:
+        from selfalign.training.config import load_training_config
+
+        overrides = {
+            **config.training.settings,
+            "model": config.model.model,
+            "seed": config.seed,
+            "prompt_format": config.model.prompt_format,
+            "system_prompt": config.model.system_prompt,
+        }
+        dataset = inputs[data_stage] / "dataset"
+        eval_file = dataset / "eval.jsonl"
+        if eval_file.is_file() and eval_file.stat().st_size > 0:
+            overrides["eval_data"] = str(eval_file)
+        if kind == "dpo" and start_from is not None:
+            overrides["dpo"] = {**overrides.get("dpo", {}), "sft_adapter": adapter_folder(inputs[start_from])}
+        settings_file = folder / "training.yaml"
+        write_text_atomic(settings_file, yaml.safe_dump(overrides, sort_keys=False))
+        training = load_training_config(settings_file, preset=config.training.preset)
+        if kind == "sft":
+            from selfalign.training.sft import run_sft as train
+        else:
+            from selfalign.training.dpo import run_dpo as train
+        outputs = train(training, str(dataset / "train.jsonl"), folder / "training")
+        write_text_atomic(folder / ADAPTER_RECORD, json.dumps({"adapter": str(outputs.adapter)}) + "\n")
+
+    return body
+
+
+def _evaluate_body(config: RunConfig, evaluation: Any, adapters: dict[str, str]):
+    def body(inputs: dict[str, Path], folder: Path) -> None:
+        from selfalign.evaluation.run import evaluate
+
+        variants = {variant: adapter_folder(inputs[stage]) for variant, stage in adapters.items()}
+        evaluate(evaluation.model_copy(update={"adapters": variants, "judge": judge_for(config, inputs)}), folder)
+
+    return body
+
+
+def _report_body(stage_names: list[str]):
+    def body(inputs: dict[str, Path], folder: Path) -> None:
+        from selfalign.reporting.run_report import write_run_report
+
+        write_run_report(inputs, folder)
+
+    return body
+
+
+def copy_report(report_folder: Path, out: Path) -> None:
+    """The final report also lands at the top of the run folder, where people look first."""
+    for name in ("report.md", "report.html"):
+        if (report_folder / name).is_file():
+            shutil.copyfile(report_folder / name, out / name)
