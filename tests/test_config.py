@@ -72,3 +72,10 @@ def test_missing_file_and_bad_override_syntax(tmp_path):
 def test_override_values_are_read_as_yaml():
     data = apply_overrides({}, ["a.list=[1, 2]", "a.none=null", "a.text=hello world", "a.flag=true"])
     assert data == {"a": {"list": [1, 2], "none": None, "text": "hello world", "flag": True}}
+
+
+def test_overrides_index_into_lists():
+    data = {"prompts": [{"limit": 1}, {"limit": 2}]}
+    assert apply_overrides(data, ["prompts.1.limit=5"])["prompts"][1]["limit"] == 5
+    with pytest.raises(SelfAlignError, match="'7' is not an index of a list of 2 items"):
+        apply_overrides(data, ["prompts.7.limit=5"])

@@ -83,16 +83,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     result = _deep_copy(data)
     for override in overrides:
         keys, value = parse_override(override)
-        node = result
+        node: Any = result
         for key in keys[:-1]:
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            elif not isinstance(child, dict):
-                raise SelfAlignError(f"override '{override}': '{key}' is a value, not a section")
-            node = child
-        node[keys[-1]] = value
+            node = _child(node, key, override)
+        if isinstance(node, list):
+            node[_list_index(node, keys[-1], override)] = value
+        else:
+            node[keys[-1]] = value
     return result
+
+
+def _child(node: Any, key: str, override: str) -> Any:
+    """The section `key` of `node`, created if missing; lists are indexed by number (`prompts.0.limit=5`)."""
+    if isinstance(node, list):
+        return node[_list_index(node, key, override)]
+    child = node.get(key)
+    if child is None:
+        child = node[key] = {}
+    elif not isinstance(child, (dict, list)):
+        raise SelfAlignError(f"override '{override}': '{key}' is a value, not a section")
+    return child
+
+
+def _list_index(node: list, key: str, override: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise SelfAlignError(f"override '{override}': '{key}' is not an index of a list of {len(node)} items")
+    return int(key)
 
 
 def _deep_copy(data: Any) -> Any:
@@ -112,6 +128,11 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             lines.append(f"{source}: unknown key '{key}'")
         elif error["type"] == "missing":
             lines.append(f"{source}: missing required key '{key}'")
+        elif error["type"] == "value_error":
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(
+                f"{source}: {message}" if not error["loc"] else f"{source}: invalid value for '{key}': {message}"
+            )
         else:
             lines.append(f"{source}: invalid value for '{key}': {error['msg']}")
     return "; ".join(lines)

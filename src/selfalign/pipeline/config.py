@@ -60,11 +60,29 @@ class RunConfig(StrictModel):
         for key, is_set in owned:
             if is_set:
                 raise ValueError(f"{key} is set by the pipeline (from model, seed, tune-judge and training); remove it")
+        _check_training_settings(self.training)
         if not (self.training.sft or self.training.dpo):
             raise ValueError("training: enable sft, dpo or both")
         if self.training.dpo_from_sft and not (self.training.sft and self.training.dpo):
             raise ValueError("training.dpo_from_sft needs both sft and dpo")
         return self
+
+
+def _check_training_settings(section: TrainingSection) -> None:
+    """Training settings are a free-form mapping here (the pipeline adds model and seed); check them now anyway."""
+    from pydantic import ValidationError
+
+    from selfalign.training.config import PRESETS, TrainingConfig
+
+    if section.preset not in PRESETS:
+        raise ValueError(f"training.preset: unknown preset '{section.preset}'; presets: {', '.join(PRESETS)}")
+    try:
+        TrainingConfig.model_validate({**PRESETS[section.preset], **section.settings, "preset": section.preset})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"])
+        problem = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        raise ValueError(f"training.settings.{key}: {problem}") from None
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -1,0 +1,80 @@
+"""The pipeline's wiring and caching with stand-in stage bodies (the real ones are tested in their own folders)."""
+
+import json
+
+import pytest
+
+from selfalign.errors import SelfAlignError
+from selfalign.pipeline import run_pipeline
+from selfalign.pipeline import stages as stages_module
+from selfalign.pipeline.config import load_run_config
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """Replace each stage body by one that records its run and writes an output that depends on its settings."""
+    calls = []
+
+    def recorder(kind, content):
+        def body(inputs, folder):
+            calls.append(folder.name.rsplit("-", 1)[0])
+            (folder / "out.json").write_text(json.dumps({"content": content, "inputs": sorted(inputs)}, default=str))
+            if kind in ("sft", "dpo"):
+                (folder / stages_module.ADAPTER_RECORD).write_text(json.dumps({"adapter": str(folder / "adapter")}))
+
+        return body
+
+    monkeypatch.setattr(stages_module, "_tune_judge_body", lambda tune: recorder("tune", tune.model_dump(mode="json")))
+    monkeypatch.setattr(stages_module, "_preferences_body", lambda config, prefs, stage: recorder("prefs", prefs.seed))
+    monkeypatch.setattr(
+        stages_module, "_training_body",
+        lambda config, kind, data, start: recorder(kind, [config.training.settings, kind, start]),
+    )  # fmt: skip
+    monkeypatch.setattr(stages_module, "_evaluate_body", lambda config, ev, adapters: recorder("eval", sorted(adapters)))
+    monkeypatch.setattr(stages_module, "_report_body", lambda names: recorder("report", names))
+    return calls
+
+
+def demo(tmp_path, *overrides):
+    return load_run_config(None, [f"out={tmp_path / 'run'}", *overrides])
+
+
+def test_first_run_runs_every_stage_and_writes_the_manifest(tmp_path, ran):
+    _, manifest = run_pipeline(demo(tmp_path))
+    assert ran == ["tune-judge", "preferences", "sft", "dpo", "evaluate", "report"]
+    on_disk = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert on_disk["seed"] == 0 and on_disk["packages"]["transformers"]
+    assert set(on_disk["outputs"]) == set(ran)
+    assert all("output_hash" in stage and "seconds" in stage for stage in on_disk["stages"].values())
+
+
+def test_changing_one_training_setting_reruns_only_training_evaluation_and_report(tmp_path, ran):
+    run_pipeline(demo(tmp_path))
+    ran.clear()
+    run_pipeline(demo(tmp_path))
+    assert ran == []
+    run_pipeline(demo(tmp_path, "training.settings.max_steps=41"))
+    assert ran == ["sft", "dpo", "evaluate", "report"]
+
+
+def test_dry_run_prints_the_plan_without_running(tmp_path, ran):
+    run_pipeline(demo(tmp_path))
+    ran.clear()
+    plan, manifest = run_pipeline(demo(tmp_path, "evaluation.limit=10"), dry_run=True)
+    assert ran == [] and manifest is None
+    assert {p.stage.name: p.will_run for p in plan} == {
+        "tune-judge": False, "preferences": False, "sft": False, "dpo": False, "evaluate": True, "report": True,
+    }  # fmt: skip
+
+
+def test_rounds_use_the_latest_adapter(tmp_path, ran):
+    run_pipeline(demo(tmp_path, "rounds=2"))
+    assert ran == ["tune-judge", "preferences", "sft", "dpo", "preferences-round2", "dpo-round2", "evaluate", "report"]
+
+
+def test_config_errors_come_before_any_stage(tmp_path, ran):
+    with pytest.raises(SelfAlignError, match="training.settings.max_stepz: unknown key"):
+        run_pipeline(demo(tmp_path, "training.settings.max_stepz=3"))
+    with pytest.raises(SelfAlignError, match="no column"):
+        run_pipeline(demo(tmp_path, "preferences.prompts.0.prompt_column=text"))
+    assert ran == []
