@@ -100,5 +100,7 @@ BACKENDS = BackendRegistry(
     {
         "transformers": "selfalign.backends.transformers_backend:create_transformers_backend",
         "scripted": "selfalign.backends.scripted:create_scripted_backend",
+        "openai": "selfalign.backends.openai_backend:create_openai_backend",
+        "vllm": "selfalign.backends.vllm_backend:create_vllm_backend",
     }
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -44,12 +45,17 @@ def is_complete_cache(folder: Path) -> bool:
 
 def prepare_embedded_model(name: str) -> Path:
     """Return the safetensors folder of embedded model `name`, assembling and converting it on first use."""
-    package_name, _ = EMBEDDED_MODELS[name]
     cache_folder = selfalign_home() / "models" / name
     if is_complete_cache(cache_folder):
         return cache_folder
-    import importlib
+    gguf_path = embedded_gguf_path(name)
+    package = importlib.import_module(EMBEDDED_MODELS[name][0])
+    return convert_gguf_to_safetensors(gguf_path, cache_folder, expected_sha256=package.EXPECTED_SHA256)
 
+
+def embedded_gguf_path(name: str) -> Path:
+    """The GGUF file of embedded model `name` (what llama.cpp serves), assembled from its PyPI package on first use."""
+    package_name, _ = EMBEDDED_MODELS[name]
     package = importlib.import_module(package_name)
     gguf_path = selfalign_home() / "gguf" / package.MODEL_NAME
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +68,7 @@ def prepare_embedded_model(name: str) -> Path:
         package.assemble(gguf_path)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         raise SelfAlignError(f"cannot assemble the embedded model {name} from {package_name}: {exc}") from None
-    return convert_gguf_to_safetensors(gguf_path, cache_folder, expected_sha256=package.EXPECTED_SHA256)
+    return gguf_path
 
 
 def prepare_gguf_file(gguf_path: Path) -> Path:

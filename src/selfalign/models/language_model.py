@@ -10,7 +10,7 @@ from pydantic import Field
 
 from selfalign.backends.base import BACKENDS, Backend, Completion, GenerationParams
 from selfalign.config import StrictModel
-from selfalign.models.formats import Message, PromptFormat, get_prompt_format
+from selfalign.models.formats import AUTO, Message, PromptFormat, get_prompt_format
 from selfalign.models.references import DEFAULT_MODEL
 
 
@@ -25,7 +25,7 @@ class ModelConfig(StrictModel):
     )
     load_in_4bit: bool = Field(False, description="NF4 4-bit weights via bitsandbytes (CUDA only).")
     batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
-    prompt_format: str = Field("auto", description="auto, chat-template, plain, mistral-inst or a format .yaml.")
+    prompt_format: str = Field("auto", description="auto, chat-template, plain, mistral-inst, raw or a format .yaml.")
     system_prompt: str | None = Field(None, description="System message placed before every request.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
 
@@ -61,4 +61,8 @@ class LanguageModel:
 
 def load_language_model(config: ModelConfig) -> LanguageModel:
     backend = BACKENDS.create(config.backend, config)
-    return LanguageModel(config, backend, get_prompt_format(backend.tokenizer, config.prompt_format))
+    name = config.prompt_format
+    if name == AUTO:
+        # A backend may know better than the tokenizer: a chat endpoint applies the server's template itself.
+        name = getattr(backend, "default_prompt_format", AUTO)
+    return LanguageModel(config, backend, get_prompt_format(backend.tokenizer, name))
