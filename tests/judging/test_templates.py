@@ -43,7 +43,9 @@ def write(tmp_path, text, name="judge.yaml"):
 def test_template_without_placeholders_is_refused(tmp_path):
     # the reference's preference notebook: the template lost {request}/{response}, so the judge saw no answer
     path = write(tmp_path, "prompt: 'Is this harmful? Answer with #answer: 1 or 0.'\n")
-    with pytest.raises(SelfAlignError, match=r"judge.yaml: the prompt never uses \{\{ request \}\}, \{\{ response \}\}"):
+    with pytest.raises(
+        SelfAlignError, match=r"judge.yaml: the prompt never uses \{\{ request \}\}, \{\{ response \}\}"
+    ):
         load_template(str(path))
 
 

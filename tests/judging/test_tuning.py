@@ -26,7 +26,9 @@ def score_rule(prompt: str, continuation: str) -> float:
 
 @pytest.fixture
 def model():
-    return scripted_model(rules=lambda p: "0\n#reason: r" if looks_refused(p) else "1\n#reason: h", score_rule=score_rule)
+    return scripted_model(
+        rules=lambda p: "0\n#reason: r" if looks_refused(p) else "1\n#reason: h", score_rule=score_rule
+    )
 
 
 def test_tune_judge_writes_every_metric_for_every_template_and_mode(model, tmp_path):

@@ -30,7 +30,9 @@ def ran(monkeypatch):
         stages_module, "_training_body",
         lambda config, kind, data, start: recorder(kind, [config.training.settings, kind, start]),
     )  # fmt: skip
-    monkeypatch.setattr(stages_module, "_evaluate_body", lambda config, ev, adapters: recorder("eval", sorted(adapters)))
+    monkeypatch.setattr(
+        stages_module, "_evaluate_body", lambda config, ev, adapters: recorder("eval", sorted(adapters))
+    )
     monkeypatch.setattr(stages_module, "_report_body", lambda names: recorder("report", names))
     return calls
 

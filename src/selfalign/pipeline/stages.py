@@ -53,7 +53,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     "sft",
                     "sft",
                     ["preferences"],
-                    {"training": training, "stage": "sft"},
+                    {"preset": config.training.preset, "training": training, "stage": "sft"},
                     _training_body(config, "sft", "preferences", None),
                 )
             )
@@ -67,7 +67,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     name,
                     "dpo",
                     inputs,
-                    {"training": training, "stage": "dpo"},
+                    {"preset": config.training.preset, "training": training, "stage": "dpo"},
                     _training_body(config, "dpo", f"preferences{suffix}", start_from),
                 )
             )
@@ -137,9 +137,9 @@ def _preferences_body(config: RunConfig, preferences: Any, policy_adapter_stage:
 
 
 def _training_settings(config: RunConfig) -> dict[str, Any]:
+    """TrainingConfig fields for this run: the section's settings plus the run's model, format and seed."""
     return {
-        "preset": config.training.preset,
-        "settings": config.training.settings,
+        **config.training.settings,
         "model": config.model.model,
         "prompt_format": config.model.prompt_format,
         "system_prompt": config.model.system_prompt,
@@ -151,13 +151,7 @@ def _training_body(config: RunConfig, kind: str, data_stage: str, start_from: st
     def body(inputs: dict[str, Path], folder: Path) -> None:
         from selfalign.training.config import load_training_config
 
-        overrides = {
-            **config.training.settings,
-            "model": config.model.model,
-            "seed": config.seed,
-            "prompt_format": config.model.prompt_format,
-            "system_prompt": config.model.system_prompt,
-        }
+        overrides = _training_settings(config)
         dataset = inputs[data_stage] / "dataset"
         eval_file = dataset / "eval.jsonl"
         if eval_file.is_file() and eval_file.stat().st_size > 0:
