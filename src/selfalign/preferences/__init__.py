@@ -1,0 +1,1 @@
+"""The preference-data engine: respond, judge, revise, helpful mix, build (see pipeline.py)."""

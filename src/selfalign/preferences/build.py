@@ -1,0 +1,280 @@
+"""Stage 5, build: pairs from the stage files, cleaned, mixed, split and saved with their card.
+
+Refusal pairs: (red-team prompt, chosen = the accepted revision, rejected = the answer judged harmful). Helpful pairs:
+(benign prompt, chosen = the answer judged harmless and not a refusal, rejected = the model's refusal). Degenerate
+pairs (an empty side, chosen equal to rejected, duplicates) are dropped and counted; the helpful mix keeps as many
+helpful pairs as make `helpful_mix` of all pairs; a seeded split holds out `eval_fraction` of each pair type. The
+folder holds the `datasets` DatasetDict (Arrow), train.jsonl and eval.jsonl, the card (README.md) and the exact
+templates and constitution used. Nothing here calls a model, so a build is cheap and repeats exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from selfalign.data.jsonl import write_jsonl_atomic, write_text_atomic
+from selfalign.errors import SelfAlignError
+from selfalign.judging.refusal import RefusalDetector
+from selfalign.preferences import helpful, revise
+from selfalign.preferences.card import dataset_card, judge_accuracy
+from selfalign.preferences.config import PreferencesConfig
+from selfalign.preferences.stages import HELPFUL, JUDGMENTS, RESPONSES, REVISIONS, read_rows, stage_path
+from selfalign.preferences.templates import load_refusal_template
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = {  # name -> Arrow type; every value may be null except the first four
+    "prompt": "string", "chosen": "string", "rejected": "string", "pair_type": "string", "source": "string",
+    "source_set": "string", "category": "string", "key": "string", "p_harmful_rejected": "float64",
+    "p_harmful_chosen": "float64", "judge_reason": "string", "chosen_judge_reason": "string", "strategy": "string",
+    "attempt": "int64", "principle": "string",
+}  # fmt: skip
+PAIR_TYPES = ("refusal", "helpful")
+
+
+def run(config: PreferencesConfig, stage_dir: Path, dataset_dir: Path) -> Path:
+    """Build the dataset folder from the four stage files; returns the folder."""
+    # ---- read what the stages wrote ---------------------------------------------------------------------------
+    responses = read_rows(stage_path(stage_dir, RESPONSES))
+    judgments = read_rows(stage_path(stage_dir, JUDGMENTS))
+    revisions = _optional_rows(stage_dir, REVISIONS)
+    refusals = _optional_rows(stage_dir, HELPFUL)
+
+    # ---- pairs, cleaned, mixed, split ---------------------------------------------------------------------------
+    formed = refusal_pairs(judgments, revisions) + helpful_pairs(judgments, refusals)
+    order = {row["key"]: index for index, row in enumerate(responses)}
+    formed.sort(key=lambda pair: order[pair["key"]])
+    clean, dropped = drop_degenerate(formed)
+    refusal_kept = [pair for pair in clean if pair["pair_type"] == "refusal"]
+    helpful_clean = [pair for pair in clean if pair["pair_type"] == "helpful"]
+    helpful_kept = helpful.choose_helpful(
+        helpful_clean, helpful.helpful_wanted(len(refusal_kept), config.helpful_mix), config.seed
+    )
+    kept = sorted(refusal_kept + helpful_kept, key=lambda pair: order[pair["key"]])
+    train, held_out = split_pairs(kept, config.eval_fraction, config.seed)
+
+    # ---- the card and the files stored beside the data ----------------------------------------------------------
+    stages = {"responses": responses, "judgments": judgments, "revisions": revisions, "refusals": refusals}
+    funnel = count_funnel(stages, formed, dropped, kept)
+    files = template_files(config)
+    card = dataset_card(config, funnel, judge_accuracy(config), {"train": len(train), "eval": len(held_out)}, files)
+    files.update({"README.md": card, "funnel.json": json.dumps(funnel, indent=2) + "\n"})
+    write_dataset(dataset_dir, {"train": train, "eval": held_out}, files)
+    logger.info("build: %d pairs (%d refusal, %d helpful) in %s", len(kept), len(refusal_kept), len(helpful_kept),
+                dataset_dir)  # fmt: skip
+    return dataset_dir
+
+
+def template_files(config: PreferencesConfig) -> dict[str, str]:
+    """The exact revision template, constitution (where the strategy reads one) and refusal template used."""
+    template, constitution = revise.strategy_files(config)
+    refusal_template = load_refusal_template(config.refusal_template)
+    files = {f"templates/revise/{template.name}.yaml": template.text}
+    if constitution is not None:
+        files["templates/constitution.yaml"] = constitution.text
+    files[f"templates/{refusal_template.name}.yaml"] = refusal_template.text
+    return files
+
+
+def _optional_rows(stage_dir: Path, name: str) -> list[dict[str, Any]]:
+    """revise and helpful leave no file when they had nothing to do."""
+    return read_rows(stage_path(stage_dir, name)) if stage_path(stage_dir, name).exists() else []
+
+
+# ---- pairs ------------------------------------------------------------------------------------------------------
+
+
+def refusal_pairs(judgments: list[dict], revisions: list[dict]) -> list[dict[str, Any]]:
+    """(red-team prompt, accepted revision, original answer) where the judge said harmful, then harmless: never an
+    abstention on either side."""
+    accepted = {row["item_key"]: row for row in revisions if row["accepted"] and row["revision_label"] == 0}
+    pairs = []
+    for row in judgments:
+        revision = accepted.get(row["key"])
+        if row["source"] != "harmful" or row["label"] != 1 or revision is None:
+            continue
+        pairs.append(
+            _pair(row, revision["revision"], row["response"], "refusal", p_harmful_rejected=row["p_harmful"],
+                  p_harmful_chosen=revision["revision_p_harmful"], judge_reason=row["reason"],
+                  chosen_judge_reason=revision["revision_reason"], strategy=revision["strategy"],
+                  attempt=revision["attempt"], principle=revision["principle"])
+        )  # fmt: skip
+    return pairs
+
+
+def helpful_pairs(judgments: list[dict], refusals: list[dict]) -> list[dict[str, Any]]:
+    """(benign prompt, answer judged harmless and not a refusal, the model's refusal where the detector flags it)."""
+    written = {row["key"]: row["refusal"] for row in refusals if row["is_refusal"]}
+    detector = RefusalDetector.from_file()
+    pairs = []
+    for row in judgments:
+        if row["key"] not in written or not helpful.is_candidate(row, detector):
+            continue
+        pairs.append(
+            _pair(row, row["response"], written[row["key"]], "helpful", p_harmful_rejected=None,
+                  p_harmful_chosen=row["p_harmful"], judge_reason=None, chosen_judge_reason=row["reason"],
+                  strategy="helpful-mix", attempt=None, principle=None)
+        )  # fmt: skip
+    return pairs
+
+
+def _pair(row: dict, chosen: str, rejected: str, pair_type: str, **metadata: Any) -> dict[str, Any]:
+    pair = {
+        "prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "pair_type": pair_type,
+        "source": row["source"], "source_set": row["set"], "category": row["category"], "key": row["key"], **metadata,
+    }  # fmt: skip
+    return {column: pair[column] for column in COLUMNS}
+
+
+def drop_degenerate(pairs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter]:
+    """Pairs with nothing to learn from never reach the dataset; returns the rest and (reason, pair_type) counts."""
+    kept, dropped, seen = [], Counter(), set()
+    for pair in pairs:
+        chosen, rejected = revise.normalized(pair["chosen"] or ""), revise.normalized(pair["rejected"] or "")
+        identity = (revise.normalized(pair["prompt"]), chosen, rejected)
+        if not chosen:
+            reason = "chosen empty"
+        elif not rejected:
+            reason = "rejected empty"
+        elif chosen == rejected:
+            reason = "chosen equals rejected"
+        elif identity in seen:
+            reason = "duplicate"
+        else:
+            seen.add(identity)
+            kept.append(pair)
+            continue
+        dropped[(reason, pair["pair_type"])] += 1
+    return kept, dropped
+
+
+def split_pairs(pairs: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): `fraction` of each pair type held out, chosen by the seed; both keep the pairs' order."""
+    sampler = random.Random(f"{seed}/split")
+    held_out: set[str] = set()
+    for pair_type in PAIR_TYPES:
+        keys = [pair["key"] for pair in pairs if pair["pair_type"] == pair_type]
+        held_out |= set(sampler.sample(keys, round(len(keys) * fraction)))
+    return [p for p in pairs if p["key"] not in held_out], [p for p in pairs if p["key"] in held_out]
+
+
+# ---- the funnel -------------------------------------------------------------------------------------------------
+
+
+def count_funnel(stages: dict[str, list[dict]], formed: list[dict], dropped: Counter, kept: list[dict]) -> dict:
+    """From prompts to kept pairs, red-team (harmful source) and benign apart, plus revision attempts and drops."""
+    detector = RefusalDetector.from_file()
+    responses, judgments = stages["responses"], stages["judgments"]
+    revisions, refusals = stages["revisions"], stages["refusals"]
+
+    def count(rows: list[dict], source: str, test: Any = lambda row: True) -> int:
+        return sum(1 for row in rows if row["source"] == source and test(row))
+
+    def both(rows: list[dict], test: Any = lambda row: True) -> tuple[int, int]:
+        return count(rows, "harmful", test), count(rows, "benign", test)
+
+    def per_type(pairs: list[dict]) -> list[int]:
+        return [sum(pair["pair_type"] == pair_type for pair in pairs) for pair_type in PAIR_TYPES]
+
+    revised = count(judgments, "harmful", lambda row: row["label"] == 1)
+    accepted = len({row["item_key"] for row in revisions if row["accepted"]})
+    over_refused = count(judgments, "benign", lambda r: r["label"] == 0 and detector.detect(r["response"]).refused)
+    formed_by_type = per_type(formed)
+    dropped_by_type = [sum(n for (_, t), n in dropped.items() if t == pair_type) for pair_type in PAIR_TYPES]
+    steps = [
+        ("prompts", *both(responses)),
+        ("answered (non-empty)", *both(responses, lambda row: bool(row["response"].strip()))),
+        ("judged harmful", *both(judgments, lambda row: row["label"] == 1)),
+        ("judged harmless", *both(judgments, lambda row: row["label"] == 0)),
+        ("judge abstained", *both(judgments, lambda row: row["label"] is None)),
+        ("revised (red-team answers judged harmful)", revised, None),
+        ("revision accepted (judged harmless)", accepted, None),
+        ("no revision accepted", revised - accepted, None),
+        ("judged harmless but a refusal (over-refusal)", None, over_refused),
+        ("helpful candidates (judged harmless, not a refusal)", None, len(refusals)),
+        ("refusal written (the detector flags it)", None, sum(row["is_refusal"] for row in refusals)),
+        ("pairs formed", *formed_by_type),
+        ("degenerate pairs dropped", *dropped_by_type),
+        ("pairs after cleaning", *(f - d for f, d in zip(formed_by_type, dropped_by_type))),
+        ("pairs kept (helpful mix)", *per_type(kept)),
+    ]
+    attempts = []
+    for attempt in sorted({row["attempt"] for row in revisions}):
+        reasons = Counter(row["why_not_accepted"] for row in revisions if row["attempt"] == attempt)
+        attempts.append({"attempt": attempt, "revised": sum(reasons.values()), "accepted": reasons.pop(None, 0),
+                         **dict(sorted(reasons.items()))})  # fmt: skip
+    return {
+        "steps": [{"step": label, "refusal": a, "helpful": b} for label, a, b in steps],
+        "attempts": attempts,
+        "dropped": [{"reason": r, "pair_type": t, "count": n} for (r, t), n in sorted(dropped.items())],
+        "kept": dict(zip(PAIR_TYPES, per_type(kept))),
+    }
+
+
+# ---- writing --------------------------------------------------------------------------------------------------
+
+
+def write_dataset(folder: Path, splits: dict[str, list[dict]], files: dict[str, str]) -> None:
+    """Write the whole folder beside its final place, then swap it in: readers never see half a dataset."""
+    import datasets
+
+    folder = Path(folder)
+    building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    features = datasets.Features({name: datasets.Value(kind) for name, kind in COLUMNS.items()})
+    dataset = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict({c: [row[c] for row in rows] for c in COLUMNS}, features=features)
+            for name, rows in splits.items()
+        }
+    )
+    datasets.disable_progress_bars()
+    try:  # one shard each, also for an empty split: datasets cannot load a split saved as zero shards
+        dataset.save_to_disk(str(building), num_shards=dict.fromkeys(splits, 1))
+    finally:
+        datasets.enable_progress_bars()
+    for name, rows in splits.items():
+        write_jsonl_atomic(building / f"{name}.jsonl", rows)
+    for relative, text in files.items():
+        write_text_atomic(building / relative, text)
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        folder.rename(old)
+    building.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def hub_token() -> str:
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if not token:
+        raise SelfAlignError("--push-to-hub needs a Hugging Face token in the HF_TOKEN environment variable")
+    return token
+
+
+def push_to_hub(dataset_dir: Path, repo: str) -> str:
+    """Upload the dataset and its card to the Hub; the token comes from HF_TOKEN and is never printed or stored."""
+    import datasets
+
+    token = hub_token()
+    try:
+        datasets.load_from_disk(str(dataset_dir)).push_to_hub(repo, token=token)
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.upload_file(path_or_fileobj=str(dataset_dir / "README.md"), path_in_repo="README.md", repo_id=repo,
+                        repo_type="dataset")  # fmt: skip
+        api.upload_folder(folder_path=str(dataset_dir / "templates"), path_in_repo="templates", repo_id=repo,
+                          repo_type="dataset")  # fmt: skip
+    except Exception as exc:  # network, auth and repo errors arrive as many types; never echo the token
+        message = str(exc).replace(token, "***").strip().splitlines()
+        raise SelfAlignError(
+            f"push to hub repo {repo} failed: {message[0] if message else type(exc).__name__}"
+        ) from None
+    return f"https://huggingface.co/datasets/{repo}"

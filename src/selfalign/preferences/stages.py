@@ -1,0 +1,83 @@
+"""What the stages share: their progress files, fixed chunks, and the models, loaded once and only when needed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from selfalign.data.jsonl import write_text_atomic
+from selfalign.data.resumable import ResumableJsonl, process_resumably
+from selfalign.errors import SelfAlignError
+from selfalign.judging.judge import Judge, build_judge
+from selfalign.models.language_model import LanguageModel, load_language_model
+from selfalign.preferences.config import PreferencesConfig
+
+RESPONSES, JUDGMENTS, REVISIONS, HELPFUL = "responses", "judgments", "revisions", "helpful"
+
+
+class Models:
+    """The policy and its judge for one run, loaded on first use: a resumed run whose stages are done loads nothing."""
+
+    def __init__(self, config: PreferencesConfig, policy: LanguageModel | None = None, judge: Judge | None = None):
+        self.config, self._policy, self._judge = config, policy, judge
+
+    @property
+    def policy(self) -> LanguageModel:
+        if self._policy is None:
+            self._policy = load_language_model(self.config.policy)
+        return self._policy
+
+    @property
+    def judge(self) -> Judge:
+        if self._judge is None:
+            separate = self.config.judge.model
+            judge_model = self.policy if separate is None else load_language_model(separate)
+            self._judge = build_judge(self.config.judge, judge_model)
+        return self._judge
+
+
+def stage_path(stage_dir: Path, name: str) -> Path:
+    return Path(stage_dir) / f"{name}.jsonl"
+
+
+def open_stage(stage_dir: Path, name: str, settings: dict[str, Any]) -> ResumableJsonl:
+    """A stage's progress file, refused when it was started with other settings (its rows would answer another run).
+
+    `settings` holds exactly what changes the stage's rows, as JSON; it is stored beside the rows on first use.
+    """
+    path = stage_path(stage_dir, name)
+    settings_path = path.with_suffix(".settings.json")
+    text = json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n"
+    if path.exists() and settings_path.exists():
+        stored = json.loads(settings_path.read_text(encoding="utf-8"))
+        current = json.loads(text)
+        changed = sorted(key for key in stored.keys() | current.keys() if stored.get(key) != current.get(key))
+        if changed:
+            raise SelfAlignError(
+                f"{path} was made with other settings (changed: {', '.join(changed)}); use another --out, or delete "
+                "it and the stage files after it to redo them"
+            )
+    else:
+        write_text_atomic(settings_path, text)
+    return ResumableJsonl(path)
+
+
+def process_in_fixed_chunks(
+    items: list[dict[str, Any]], store: ResumableJsonl, work: Callable[[list[dict]], list[dict]], chunk_size: int
+) -> list[dict[str, Any]]:
+    """`process_resumably` over chunks fixed by position, so that a resumed run batches each item with the same
+    neighbours as an uninterrupted one: a batched model's output (padding, sampling) can depend on its batch."""
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(items), chunk_size):
+        chunk = items[start : start + chunk_size]
+        rows.extend(process_resumably(chunk, store, work, chunk_size=len(chunk)))
+    return rows
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """A stage's rows in the order written, read as a resumed stage reads them: a torn last line is not a row."""
+    if not Path(path).exists():
+        raise SelfAlignError(f"{path}: not found; run the stage that writes it first")
+    return list(ResumableJsonl(path).rows())

@@ -1,0 +1,161 @@
+import json
+
+import datasets
+from tests.preferences.conftest import ScenarioBackend, read_jsonl, scenario_config, scenario_models
+
+from selfalign.preferences.pipeline import run_pipeline
+
+
+def funnel_of(dataset_dir):
+    funnel = json.loads((dataset_dir / "funnel.json").read_text())
+    return {row["step"]: (row["refusal"], row["helpful"]) for row in funnel["steps"]}, funnel
+
+
+def test_funnel_numbers_on_the_hand_made_scenario(scenario, tmp_path):
+    dataset = run_pipeline(scenario, tmp_path / "out", scenario_models(scenario))
+    steps, funnel = funnel_of(dataset)
+    assert steps == {
+        "prompts": (6, 6),
+        "answered (non-empty)": (5, 5),
+        "judged harmful": (3, 1),  # r1 r2 r3 | b2
+        "judged harmless": (1, 3),  # r5 | b1 b4 b5
+        "judge abstained": (1, 1),  # r4 | b3
+        "revised (red-team answers judged harmful)": (3, None),
+        "revision accepted (judged harmless)": (2, None),  # r1 at attempt 1, r2 at attempt 2
+        "no revision accepted": (1, None),  # r3: the judge abstained on both revisions
+        "judged harmless but a refusal (over-refusal)": (None, 1),  # b4
+        "helpful candidates (judged harmless, not a refusal)": (None, 2),  # b1 b5
+        "refusal written (the detector flags it)": (None, 2),
+        "pairs formed": (2, 2),
+        "degenerate pairs dropped": (0, 0),
+        "pairs after cleaning": (2, 2),
+        "pairs kept (helpful mix)": (2, 2),
+    }
+    assert funnel["attempts"] == [
+        {"attempt": 1, "revised": 3, "accepted": 1, "judge abstained": 1, "judged harmful": 1},
+        {"attempt": 2, "revised": 2, "accepted": 1, "judge abstained": 1},
+    ]
+    pairs = {row["key"].split("/")[-1]: row for row in read_jsonl(dataset / "train.jsonl") + read_jsonl(
+        dataset / "eval.jsonl")}  # fmt: skip
+    assert sorted(pairs) == ["b1", "b5", "r1", "r2"]
+    assert pairs["r1"]["chosen"] == "I'm sorry, but I can't help with that. Poisoning a well hurts a whole village."
+    assert pairs["r1"]["rejected"] == "[harm] Put the poison in at night." and pairs["r1"]["attempt"] == 1
+    assert pairs["r2"]["attempt"] == 2 and pairs["r2"]["chosen"].endswith("Stealing a car is a crime; please don't.")
+    assert pairs["b1"]["chosen"] == "Paris is the capital of France."
+    assert pairs["b1"]["rejected"] == "I'm sorry, but I can't help with that. Ask someone else."
+    assert {p["pair_type"] for k, p in pairs.items()} == {"refusal", "helpful"}
+    assert pairs["r1"]["p_harmful_rejected"] > 0.5 > pairs["r1"]["p_harmful_chosen"]
+    assert pairs["b1"]["p_harmful_rejected"] is None and pairs["b1"]["strategy"] == "helpful-mix"
+    assert pairs["r1"]["source"] == "harmful" and pairs["r1"]["category"] == "test"
+
+    card = (dataset / "README.md").read_text()
+    assert "| judged harmful | 3 | 1 |" in card and "| pairs kept (helpful mix) | 2 | 2 |" in card
+    assert "one-shot/logprob" in card and f"| seed | {scenario.seed} |" in card
+    assert (dataset / "templates" / "revise" / "refuse-and-explain.yaml").exists()
+    assert (dataset / "templates" / "refuse.yaml").exists()
+    assert not (dataset / "templates" / "constitution.yaml").exists()  # refuse-and-explain reads no principle
+    loaded = datasets.load_from_disk(str(dataset))
+    assert sorted(loaded) == ["eval", "train"] and len(loaded["train"]) + len(loaded["eval"]) == 4
+    assert {"prompt", "chosen", "rejected", "pair_type", "p_harmful_chosen", "strategy", "attempt"} <= set(
+        loaded["train"].column_names
+    )
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "completed"
+
+
+def test_abstentions_never_become_pairs(scenario, tmp_path):
+    dataset = run_pipeline(scenario, tmp_path / "out", scenario_models(scenario))
+    keys = {
+        row["key"].split("/")[-1] for row in read_jsonl(dataset / "train.jsonl") + read_jsonl(dataset / "eval.jsonl")
+    }
+    assert not keys & {"r3", "r4", "b3"}  # abstained on the revisions (r3) or on the answer (r4, b3)
+    revisions = read_jsonl(tmp_path / "out" / "stages" / "revisions.jsonl")
+    assert not any(row["accepted"] for row in revisions if row["revision_label"] is None)
+    assert {row["item_key"].split("/")[-1] for row in revisions} == {"r1", "r2", "r3"}  # r4 was never revised
+
+
+def test_generation_is_batched_by_chunk(scenario, tmp_path):
+    backend = ScenarioBackend(seed=scenario.seed)
+    run_pipeline(scenario, tmp_path / "out", scenario_models(scenario, backend))
+    # 12 prompts answered in chunks of 4; 10 answers judged in chunks of 4 (one scoring call asks for " 1" and " 0")
+    calls = [(kind, len(prompts)) for kind, prompts in backend.calls[:6]]
+    assert calls == [("generate", 4)] * 3 + [("score", 8), ("score", 8), ("score", 4)]
+
+
+def test_n_attempts_one_accepts_only_first_attempts(tmp_path):
+    config = scenario_config(tmp_path)
+    config.revision.n_attempts = 1
+    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config))
+    steps, funnel = funnel_of(dataset)
+    assert steps["revision accepted (judged harmless)"] == (1, None)
+    assert [row["attempt"] for row in funnel["attempts"]] == [1]
+
+
+def test_three_attempts_stop_revising_what_was_accepted(tmp_path):
+    config = scenario_config(tmp_path)
+    config.revision.n_attempts = 3
+    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config))
+    _, funnel = funnel_of(dataset)
+    assert [(row["attempt"], row["revised"], row["accepted"]) for row in funnel["attempts"]] == [
+        (1, 3, 1), (2, 2, 1), (3, 1, 0)
+    ]  # fmt: skip
+
+
+def test_helpful_mix_sets_the_share_of_helpful_pairs(tmp_path):
+    from tests.preferences.conftest import SCENARIO, write_prompts
+
+    from selfalign.preferences.config import PromptSet
+
+    scenario = dict(SCENARIO)
+    more = [f"b{n}" for n in range(10, 16)]
+    for tag in more:
+        scenario[tag] = {"prompt": f"Tell me a fact about the number {tag}. <{tag}>", "answer": f"A fact {tag}."}
+    config = scenario_config(tmp_path)
+    config.prompts = [config.prompts[0], PromptSet(data=str(write_prompts(tmp_path / "b.jsonl", more, scenario)),
+                                                   source="benign")]  # fmt: skip
+    kept = {}
+    for mix in (0.0, 0.2, 0.5, 0.75, 0.9):
+        config.helpful_mix = mix
+        dataset = run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+        steps, funnel = funnel_of(dataset)
+        kept[mix] = (funnel["kept"]["refusal"], funnel["kept"]["helpful"], steps["pairs after cleaning"][1])
+    # 2 refusal pairs; helpful pairs wanted = round(2 * mix / (1 - mix)), at most the 6 available
+    assert kept == {0.0: (2, 0, 6), 0.2: (2, 0, 6), 0.5: (2, 2, 6), 0.75: (2, 6, 6), 0.9: (2, 6, 6)}
+    assert "Fewer helpful pairs survived than the mix asks for" in (dataset / "README.md").read_text()
+
+
+def test_duplicate_pairs_are_dropped_and_counted(tmp_path):
+    from tests.preferences.conftest import write_prompts
+
+    from selfalign.preferences.config import PromptSet
+
+    config = scenario_config(tmp_path)
+    again = PromptSet(data=str(write_prompts(tmp_path / "again.jsonl", ["b1", "b5"])), source="benign")
+    config.prompts = [*config.prompts, again]
+    config.helpful_mix = 0.75
+    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config))
+    steps, funnel = funnel_of(dataset)
+    assert steps["pairs formed"] == (2, 4)
+    assert steps["degenerate pairs dropped"] == (0, 2)
+    assert funnel["dropped"] == [{"reason": "duplicate", "pair_type": "helpful", "count": 2}]
+    assert "| duplicate | helpful | 2 |" in (dataset / "README.md").read_text()
+    rows = read_jsonl(dataset / "train.jsonl") + read_jsonl(dataset / "eval.jsonl")
+    identities = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    assert len(identities) == len(set(identities))
+
+
+def test_critique_then_revise_draws_principles_and_stores_the_constitution(tmp_path):
+    config = scenario_config(tmp_path)
+    config.revision.strategy = "critique-then-revise"
+    backend = ScenarioBackend(seed=config.seed)
+    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config, backend))
+    revisions = read_jsonl(tmp_path / "out" / "stages" / "revisions.jsonl")
+    assert all(
+        row["principle"] and row["critique"].startswith("The problem with this reply is that") for row in revisions
+    )
+    critiques = [p for kind, prompts in backend.calls if kind == "generate" for p in prompts if "Critique:" in p]
+    assert critiques and all("it helps someone do harm." in p for p in critiques)
+    rows = read_jsonl(dataset / "train.jsonl") + read_jsonl(dataset / "eval.jsonl")
+    refusal = [row for row in rows if row["pair_type"] == "refusal"]
+    assert refusal and all(row["strategy"] == "critique-then-revise" and row["principle"] for row in refusal)
+    assert (dataset / "templates" / "constitution.yaml").exists()
+    assert (dataset / "templates" / "revise" / "critique-then-revise.yaml").exists()

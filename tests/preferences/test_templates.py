@@ -1,0 +1,121 @@
+import pytest
+from tests.preferences.conftest import SCENARIO, ScenarioBackend, read_jsonl, scenario_config, scenario_models
+
+from selfalign.errors import SelfAlignError
+from selfalign.preferences.pipeline import run_pipeline
+from selfalign.preferences.templates import (
+    load_constitution,
+    load_refusal_template,
+    load_revision_template,
+    render_step,
+    shipped_strategies,
+)
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_shipped_templates_and_constitution_load():
+    assert shipped_strategies() == ["critique-then-revise", "refuse-and-explain"]
+    for name in shipped_strategies():
+        load_revision_template(name)
+    assert load_revision_template("critique-then-revise").uses_principle
+    assert not load_revision_template("refuse-and-explain").uses_principle
+    assert "request" in load_refusal_template("refuse").prompt
+    constitution = load_constitution("constitution")
+    assert 6 <= len(constitution.principles) <= 10
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("revision:\n  prompt: 'Rewrite: {{ response }}'\n", r"revision prompt never uses \{\{ request \}\}"),
+        ("revision:\n  prompt: 'Rewrite: {{ request }}'\n", r"never uses \{\{ response \}\}; a rewrite that cannot"),
+        (
+            "critique:\n  prompt: '{{ request }} {{ response }}'\nrevision:\n  prompt: '{{ request }} {{ response }} "
+            "{{ critique }}'\n",
+            r"critique prompt never uses \{\{ principle \}\}",
+        ),
+        (
+            "critique:\n  prompt: '{{ request }} {{ response }} {{ principle.critique }}'\nrevision:\n  prompt: "
+            "'{{ request }} {{ response }}'\n",
+            r"revision prompt never uses \{\{ critique \}\}",
+        ),
+        ("revision:\n  prompt: '{{ request }} {{ response }'\n", "template syntax error"),
+        ("revision:\n  prompt: '{{ request }} {{ response }}'\n  prefix: 'x'\n", "unknown key 'revision.prefix'"),
+        ("- a list\n", "expected a mapping"),
+    ],
+)
+def test_bad_revision_templates_are_refused_on_load(tmp_path, text, message):
+    with pytest.raises(SelfAlignError, match=message):
+        load_revision_template(write(tmp_path, "mine.yaml", text))
+
+
+def test_unknown_names_and_missing_files(tmp_path):
+    with pytest.raises(SelfAlignError, match="unknown revision strategy 'polite'; shipped: critique-then-revise"):
+        load_revision_template("polite")
+    with pytest.raises(SelfAlignError, match="revision strategy file not found"):
+        load_revision_template(str(tmp_path / "nope.yaml"))
+    with pytest.raises(SelfAlignError, match=r"refusal prompt never uses \{\{ request \}\}"):
+        load_refusal_template(write(tmp_path, "refuse.yaml", "prompt: Refuse it.\n"))
+
+
+def test_bad_constitutions_are_refused(tmp_path):
+    with pytest.raises(SelfAlignError, match="principles"):
+        load_constitution(write(tmp_path, "c1.yaml", "principles: []\n"))
+    twice = "principles:\n" + "  - {name: a, critique: c, revision: r}\n" * 2
+    with pytest.raises(SelfAlignError, match="principle names must be unique"):
+        load_constitution(write(tmp_path, "c2.yaml", twice))
+    with pytest.raises(SelfAlignError, match="missing required key 'principles.0.revision'"):
+        load_constitution(write(tmp_path, "c3.yaml", "principles:\n  - {name: a, critique: c}\n"))
+
+
+def test_an_undefined_variable_fails_when_rendered(tmp_path):
+    template = load_revision_template(write(tmp_path, "t.yaml", "revision:\n  prompt: '{{ request }} {{ response }} "
+                                                               "{{ mood }}'\n"))  # fmt: skip
+    with pytest.raises(SelfAlignError, match="undefined variable"):
+        render_step(template.revision, template.source, request="r", response="a", principle=None, critique=None)
+
+
+def test_principle_is_drawn_from_seed_key_and_attempt():
+    constitution = load_constitution("constitution")
+    draws = [constitution.choose(0, f"redteam:train/{n}", 1).name for n in range(40)]
+    assert draws == [constitution.choose(0, f"redteam:train/{n}", 1).name for n in range(40)]
+    assert len(set(draws)) >= 5  # spread over the principles
+    assert draws != [constitution.choose(1, f"redteam:train/{n}", 1).name for n in range(40)]
+    assert draws != [constitution.choose(0, f"redteam:train/{n}", 2).name for n in range(40)]
+
+
+def test_revision_accepted_only_when_harmless_non_empty_and_different(tmp_path):
+    """A strategy without a response prefix, so that a revision can be empty or repeat the original."""
+    strategy = write(
+        tmp_path, "bare.yaml", "revision:\n  prompt: 'Rewrite the reply. {{ request }} / {{ response }}'\n"
+    )
+    scenario = {
+        "r1": {"prompt": "Q1 <r1>", "answer": "[harm] one", "revisions": ["", "[harm]  ONE", "Fine now."]},
+        "r2": {"prompt": "Q2 <r2>", "answer": "[harm] two", "revisions": ["[harm] two more", "[abstain]", "[harm] no"]},
+        "r3": {"prompt": "Q3 <r3>", "answer": "[harm] three", "revisions": ["All good."]},
+        "b1": SCENARIO["b1"],
+    }
+    from tests.preferences.conftest import write_prompts
+
+    from selfalign.preferences.config import PromptSet
+
+    config = scenario_config(tmp_path)
+    config.prompts = [
+        PromptSet(data=str(write_prompts(tmp_path / "r.jsonl", ["r1", "r2", "r3"], scenario)), source="harmful"),
+        PromptSet(data=str(write_prompts(tmp_path / "b.jsonl", ["b1"], scenario)), source="benign"),
+    ]
+    config.revision.strategy, config.revision.n_attempts = strategy, 3
+    run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+    rows = {row["key"].split("/")[-1]: row for row in read_jsonl(tmp_path / "out" / "stages" / "revisions.jsonl")}
+    assert {key: row["why_not_accepted"] for key, row in rows.items()} == {
+        "r1#1": "empty", "r2#1": "judged harmful", "r3#1": None,
+        "r1#2": "same as original", "r2#2": "judge abstained",
+        "r1#3": None, "r2#3": "judged harmful",
+    }  # fmt: skip
+    assert rows["r2#1"]["revision_label"] == 1 and rows["r1#1"]["revision_label"] is None  # empty: never judged
+    assert [row["accepted"] for row in rows.values()].count(True) == 2
