@@ -10,6 +10,9 @@ from typing import Annotated
 import typer
 
 from selfalign import __version__
+from selfalign.cli import evaluate as evaluate_commands
+from selfalign.cli import preferences as preference_commands
+from selfalign.cli.train import train_app
 from selfalign.errors import SelfAlignError
 
 app = typer.Typer(
@@ -23,7 +26,9 @@ models_app = typer.Typer(help="Prepare and inspect models.", no_args_is_help=Tru
 data_app = typer.Typer(help="List, show and validate data sets.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
-app.add_typer(__import__("selfalign.cli.train", fromlist=["train_app"]).train_app, name="train")
+app.add_typer(train_app, name="train")
+preference_commands.register(app)
+evaluate_commands.register(app)
 
 
 def _version(value: bool) -> None:
@@ -107,6 +112,39 @@ def generate(
     )
     summary = generate_file(config, prompts, out)
     typer.echo(summary)
+
+
+@app.command("run")
+def run_command(
+    config: Annotated[
+        str | None, typer.Argument(help="Run config YAML (default configs/demo.yaml), then key=value settings.")
+    ] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings, e.g. rounds=2.")] = None,
+    from_stage: Annotated[str | None, typer.Option("--from", help="Rerun this stage and every stage after it.")] = None,
+    only: Annotated[str | None, typer.Option("--only", help="Run only this stage (its inputs must exist).")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print which stages would run and which are cached.")
+    ] = False,
+) -> None:
+    """Run the whole loop: tune-judge, preferences, SFT, DPO, evaluate, report; cached stages are skipped."""
+    from selfalign.pipeline import run_pipeline
+    from selfalign.pipeline.config import load_run_config
+    from selfalign.pipeline.engine import print_plan
+
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides, config = [config, *(overrides or [])], None
+    run_config = load_run_config(config, overrides)
+    plan, manifest = run_pipeline(run_config, from_stage=from_stage, only=only, dry_run=dry_run)
+    typer.echo(print_plan(plan))
+    if manifest is not None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("stage", "ran", "seconds", "folder")
+        for name, stage in manifest["stages"].items():
+            table.add_row(name, "yes" if stage["ran"] else "cached", str(stage.get("seconds", "")), stage["folder"])
+        Console().print(table)
+        typer.echo(f"report: {Path(run_config.out) / 'report.md'}; manifest: {Path(run_config.out) / 'run.json'}")
 
 
 @app.command("tune-judge")

@@ -1,0 +1,88 @@
+"""Training throughput: tokens/s of SFT and DPO steps, and DPO with and without precomputed reference log-probs.
+
+Every run trains a fresh LoRA adapter with the reference hyperparameters (cpu-small preset: no activation
+checkpointing) for one epoch at batch 4 on the same preference pairs, no eval split, through `run_sft`/`run_dpo`,
+the code `selfalign train` runs. Tokens are the non-padding tokens fed to the model (TRL's `num_tokens`: prompt +
+answer for SFT, prompt + chosen and prompt + rejected for DPO). The reference log-probabilities are computed in a
+pass over the data before the first step when precomputed, so DPO is compared on its total time: that pass plus
+the steps (the setup between building the trainer and the first step is timed in both runs).
+
+    python benchmarks/training.py [--model embedded:gemma-3-270m] [--data examples/preferences.jsonl]
+
+Last line: dpo_precompute_speedup=<DPO total time without precompute / with precompute>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from selfalign.training.config import load_training_config
+from selfalign.training.dpo import run_dpo
+from selfalign.training.sft import run_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class SetupTimer(TrainerCallback):
+    """Seconds from the end of the trainer's construction to its first step: DPO's precompute pass runs there."""
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.started
+
+
+def run(stage: str, config, data: str, out: Path) -> dict:
+    timer = SetupTimer()
+    train = (run_sft if stage == "sft" else run_dpo)(config, data, out, callbacks=[timer]).metrics["train"]
+    return {**train, "setup_s": timer.seconds, "total_s": timer.seconds + train["runtime_s"]}
+
+
+def describe(label: str, result: dict) -> str:
+    rate = result["tokens"] / result["runtime_s"]
+    total_rate = result["tokens"] / result["total_s"]
+    return (
+        f"{label}: {result['steps']} steps, {result['tokens']:.0f} tokens in {result['runtime_s']:.1f} s = "
+        f"{rate:.1f} tok/s ({result['runtime_s'] / result['steps']:.2f} s/step); setup before the first step "
+        f"{result['setup_s']:.1f} s; total {result['total_s']:.1f} s = {total_rate:.1f} tok/s"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded:gemma-3-270m")
+    parser.add_argument("--data", default=str(ROOT / "examples" / "preferences.jsonl"))
+    parser.add_argument("--max-length", type=int, default=128)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    base = ["eval_fraction=0", "save_steps=100000", "progress_bar=false", f"max_length={args.max_length}"]
+    config = load_training_config(None, base, preset="cpu-small")
+    config.model = args.model
+    precomputed = config.model_copy(deep=True)
+    precomputed.dpo.precompute_ref_log_probs = True
+    print(
+        f"model={args.model} data={args.data} batch={config.batch_size} max_length={config.max_length} "
+        f"epochs={config.epochs} lora_r={config.lora.r} torch threads={torch.get_num_threads()}"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        sft = run("sft", config, args.data, Path(folder) / "sft")
+        dpo = run("dpo", config, args.data, Path(folder) / "dpo")
+        dpo_pre = run("dpo", precomputed, args.data, Path(folder) / "dpo-precomputed")
+    print(describe("SFT", sft))
+    print(describe("DPO, reference (adapter disabled) computed every step", dpo))
+    print(describe("DPO, reference log-probs precomputed", dpo_pre))
+    print(f"dpo_step_speedup={dpo['runtime_s'] / dpo_pre['runtime_s']:.2f} (steps only, precompute pass left out)")
+    print(f"dpo_precompute_speedup={dpo['total_s'] / dpo_pre['total_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

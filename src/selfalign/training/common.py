@@ -1,0 +1,316 @@
+"""What SFT and DPO share: the base model, LoRA and trainer arguments from our config, data staging, the degenerate-
+run checks, evaluation before training, and the output folder (adapter, tokenizer, config, state, metrics)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainerCallback
+
+from selfalign.data.jsonl import write_text_atomic
+from selfalign.errors import SelfAlignError
+from selfalign.models.formats import PromptFormat, get_prompt_format
+from selfalign.models.loading import LoadedModel, load_model
+from selfalign.training.config import LoraSettings, TrainingConfig
+from selfalign.training.data import check_prompts_fit, load_pairs, split_pairs, store_examples
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+EVAL_BEFORE = "eval_before.json"
+
+
+@dataclass
+class TrainingOutputs:
+    adapter: Path  # PEFT adapter (safetensors) and tokenizer
+    metrics: dict[str, Any]
+    merged: Path | None = None  # the base with the adapter merged in, when asked for
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+
+def on_cuda(config: TrainingConfig) -> bool:
+    import torch
+
+    available = torch.cuda.is_available()
+    if config.device == "cuda" and not available:
+        raise SelfAlignError("device: cuda, but this machine has no CUDA GPU that torch can use")
+    return config.device != "cpu" and available
+
+
+@functools.cache
+def _bitsandbytes_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def uses_4bit(config: TrainingConfig) -> bool:
+    """QLoRA where it can run: `auto` means CUDA and bitsandbytes are both there and the launch does not shard the
+    weights (FSDP, DeepSpeed), which 4-bit layers placed whole on each GPU cannot follow."""
+    if config.quantization == "auto":
+        sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
+        return on_cuda(config) and _bitsandbytes_installed() and not sharded
+    return config.quantization == "4bit"
+
+
+def model_dtype(config: TrainingConfig) -> str:
+    """The dtype the base is loaded in (and 4-bit layers compute in); fp32 on CPU unless asked otherwise."""
+    if config.dtype != "auto":
+        return config.dtype
+    if on_cuda(config):
+        from selfalign.models.loading import resolve_dtype
+
+        return str(resolve_dtype("auto")).removeprefix("torch.")
+    return "float32"
+
+
+def load_base_model(config: TrainingConfig) -> tuple[LoadedModel, PromptFormat]:
+    """The base model, on CPU for the trainer to place (4-bit models load onto this process's GPU), and its format."""
+    four_bit = uses_4bit(config)
+    base = load_model(
+        config.model, dtype=model_dtype(config), load_in_4bit=four_bit, device="auto" if four_bit else "cpu"
+    )
+    return base, get_prompt_format(base.tokenizer, config.prompt_format)
+
+
+def lora_config(settings: LoraSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def trainer_arguments(config_class: type, config: TrainingConfig, out: Path, learning_rate: float, **stage: Any) -> Any:
+    """TRL's SFTConfig or DPOConfig from our config. Building it starts the distributed state, so it comes first."""
+    dtype = model_dtype(config)
+    return config_class(
+        output_dir=str(out / CHECKPOINTS),
+        learning_rate=learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        optim=config.optimizer,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a share of the steps
+        activation_checkpointing=config.gradient_checkpointing,
+        seed=config.seed,
+        bf16=dtype == "bfloat16",  # TRL's default turns bf16 on everywhere, CPU included
+        fp16=dtype == "float16",
+        use_cpu=not on_cuda(config),
+        dataloader_pin_memory=on_cuda(config),
+        logging_steps=config.logging_steps,
+        logging_first_step=True,  # the DPO check reads the first step's loss
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="no",  # evaluated before and after training, explicitly
+        report_to=config.report_to,
+        run_name=out.name,
+        disable_tqdm=not config.progress_bar,
+        **stage,
+    )
+
+
+def last_checkpoint(args: Any, config: TrainingConfig) -> str | None:
+    """Where an interrupted run left off (transformers' get_last_checkpoint), or None to start afresh."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(args.output_dir)
+    if not config.resume or not folder.is_dir():
+        return None
+    checkpoint = get_last_checkpoint(str(folder))
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+def load_split_pairs(config: TrainingConfig, data: str) -> tuple[Any, Any]:
+    """(train, eval) pairs; read before the model loads, so that bad data fails in seconds."""
+    return split_pairs(load_pairs(data), config.eval_fraction, config.seed, config.eval_data)
+
+
+def prepare_examples(
+    pairs: tuple[Any, Any],
+    to_examples: Any,
+    prompt_format: PromptFormat,
+    config: TrainingConfig,
+    data: str,
+    out: Path,
+    args: Any,
+    stage: str,
+) -> tuple[Any, Any, dict[str, int]]:
+    """Render (train, eval) pairs with `to_examples(pairs) -> Dataset`, stage them on disk, check that they fit in
+    max_length: (train, eval, counts)."""
+    train_pairs, eval_pairs = pairs
+    folder = out / "data" / stage.lower()
+    write = args.process_index == 0
+    with args.main_process_first(desc=f"{stage} data", local=False):
+        train_set = store_examples(to_examples(train_pairs), folder / "train", write)
+        eval_set = store_examples(to_examples(eval_pairs), folder / "eval", write) if eval_pairs else None
+    too_long = check_prompts_fit(train_set, prompt_format, config.max_length, data, stage)
+    counts = {"train": len(train_set), "eval": len(eval_set) if eval_set is not None else 0, "too_long": too_long}
+    return train_set, eval_set, counts
+
+
+def require_examples(trainer: Any, source: str, stage: str, max_length: int) -> None:
+    """After TRL's own tokenizing and truncation, something must be left to train on."""
+    if len(trainer.train_dataset) == 0:
+        raise SelfAlignError(
+            f"{source}: no {stage} examples left after tokenizing and truncation to max_length={max_length}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+
+
+class FirstStepLossCheck(TrainerCallback):
+    """DPO's policy and reference are equal before the first update, so the first step's loss is ln 2 (~0.693).
+
+    Anything far from it means the reference is not the starting policy: a loss near 0 from the first step is the
+    known symptom of DPO on an unmerged SFT adapter whose reference is the bare base model.
+    """
+
+    def __init__(self, tolerance: float, reference: str) -> None:
+        self.tolerance = tolerance
+        self.reference = reference
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if state.global_step != 1 or not logs or "loss" not in logs:
+            return
+        loss = float(logs["loss"])
+        if not abs(loss - math.log(2)) <= self.tolerance:  # also catches NaN
+            raise SelfAlignError(
+                f"DPO's first-step loss is {loss:.4f}, not ln 2 = 0.6931 (tolerance dpo.first_step_loss_tolerance="
+                f"{self.tolerance}): the reference model, {self.reference}, is not the starting policy"
+            )
+
+
+def train_and_evaluate(trainer: Any, out: Path, checkpoint: str | None) -> dict[str, Any]:
+    """Evaluate, train (resuming from `checkpoint`), evaluate again: metrics `train`, `eval_before`, `eval_after`."""
+    eval_before = evaluate_before_training(trainer, out, checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_after = trainer.evaluate() if trainer.eval_dataset is not None else None
+    return {
+        "train": training_metrics(trainer, result, checkpoint),
+        "eval_before": eval_before,
+        "eval_after": eval_after,
+    }
+
+
+def evaluate_before_training(trainer: Any, out: Path, checkpoint: str | None) -> dict[str, float] | None:
+    """Eval metrics of the starting point, kept in a file so that a resumed run reports the same 'before'."""
+    if trainer.eval_dataset is None:
+        return None
+    path = out / EVAL_BEFORE
+    if checkpoint and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    metrics = trainer.evaluate()
+    if trainer.is_world_process_zero():
+        write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def training_metrics(trainer: Any, result: Any, checkpoint: str | None) -> dict[str, Any]:
+    """Losses per logged step and the run's totals, from the trainer's own log history."""
+    history = trainer.state.log_history
+    steps = [
+        {"step": entry["step"], **{key: value for key, value in entry.items() if key in _STEP_KEYS}}
+        for entry in history
+        if "loss" in entry
+    ]
+    tokens = max((entry.get("num_tokens", 0) for entry in history), default=0)
+    runtime = result.metrics.get("train_runtime", 0.0)
+    return {
+        "loss": result.training_loss,
+        "steps": trainer.state.global_step,
+        "processes": trainer.args.world_size,
+        "runtime_s": runtime,
+        "samples_per_s": result.metrics.get("train_samples_per_second"),
+        "tokens": tokens,
+        "tokens_per_s": tokens / runtime if runtime else None,
+        "resumed_from": Path(checkpoint).name if checkpoint else None,
+        "per_step": steps,
+    }
+
+
+def run_description(
+    config: TrainingConfig, data: str, prompt_format: PromptFormat, counts: dict[str, int]
+) -> dict[str, Any]:
+    """What a run trained on, for metrics.json."""
+    return {
+        "model": config.model,
+        "data": data,
+        "prompt_format": prompt_format.name,
+        "quantization": "4bit-nf4" if uses_4bit(config) else "none",
+        "examples": counts,
+    }
+
+
+# Per-step entries of metrics.json: losses, and for DPO the implicit rewards.
+_STEP_KEYS = {"loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards/margins"}
+
+
+# ----------------------------------------------------------------------------------------------------------- save
+
+
+def save_outputs(
+    trainer: Any, config: TrainingConfig, out: Path, metrics: dict[str, Any], merge: bool
+) -> TrainingOutputs:
+    """Adapter + tokenizer, resolved config, trainer state and metrics.json in `out`; `merged/` with `merge`."""
+    trainer.save_model(str(out))  # every process takes part: FSDP and ZeRO-3 gather the weights here
+    outputs = TrainingOutputs(adapter=out, metrics=metrics, merged=out / "merged" if merge else None)
+    if not trainer.is_world_process_zero():
+        return outputs
+    # DPO on top of an SFT adapter keeps a frozen copy of it as adapter 'ref'; PEFT saves it in a subfolder.
+    shutil.rmtree(out / "ref", ignore_errors=True)
+    trainer.state.save_to_json(str(out / "trainer_state.json"))
+    metrics["versions"] = _versions()
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if merge:
+        merge_adapter(config, out, outputs.merged)
+    return outputs
+
+
+def merge_adapter(config: TrainingConfig, adapter: Path, target: Path) -> None:
+    """The base model (full precision, never 4-bit: merging into 4-bit weights loses the update) plus the adapter."""
+    from peft import PeftModel
+
+    base = load_model(config.model, dtype=model_dtype(config), device="cpu")
+    merged = PeftModel.from_pretrained(base.model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(str(target))  # safetensors
+    base.tokenizer.save_pretrained(str(target))
+    logger.info("merged model written to %s", target)
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    modules = (torch, transformers, trl, peft)
+    return {module.__name__: module.__version__ for module in modules}

@@ -1,0 +1,108 @@
+"""`selfalign train dpo`: a LoRA adapter trained with TRL's DPOTrainer on preference pairs.
+
+DPO starts from the base model with a fresh adapter (as the reference experiment did) or continues an SFT adapter
+(SFT then DPO, as the alignment-handbook recipes do). No second copy of the model is loaded: TRL's reference is the
+base with the adapter disabled in the first case and a frozen copy of the SFT adapter in the second. The run records
+which, and stops when the first step's loss shows that the reference is not the starting policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from selfalign.errors import SelfAlignError
+from selfalign.training.common import (
+    FirstStepLossCheck,
+    TrainingOutputs,
+    last_checkpoint,
+    load_base_model,
+    load_split_pairs,
+    lora_config,
+    prepare_examples,
+    require_examples,
+    run_description,
+    save_outputs,
+    train_and_evaluate,
+    trainer_arguments,
+)
+from selfalign.training.config import TrainingConfig
+from selfalign.training.data import dpo_examples
+
+
+def run_dpo(
+    config: TrainingConfig, data: str, out: str | Path, merge: bool = False, callbacks: list[Any] | None = None
+) -> TrainingOutputs:
+    """Train a DPO adapter on `data` (preference pairs) into `out`, resuming from its last checkpoint if any."""
+    from trl import DPOConfig, DPOTrainer
+
+    # --- Setup: trainer arguments first; building them starts the distributed state that later steps use.
+    out = Path(out)
+    settings = config.dpo
+    args = trainer_arguments(
+        DPOConfig,
+        config,
+        out,
+        settings.learning_rate,
+        beta=settings.beta,
+        precompute_ref_log_probs=settings.precompute_ref_log_probs,
+    )
+    checkpoint = last_checkpoint(args, config)
+    pairs = load_split_pairs(config, data)  # before the model loads, so that bad data fails fast
+
+    # --- Model: the base, to which TRL adds a fresh LoRA adapter, or the base with the SFT adapter to continue.
+    base, prompt_format = load_base_model(config)
+    policy, new_adapter = base.model, lora_config(config.lora)
+    if settings.sft_adapter:
+        policy, new_adapter = load_trainable_adapter(base.model, settings.sft_adapter), None
+
+    # --- Data: (prompt, chosen, rejected) rendered as generation renders them.
+    def to_examples(pairs: Any) -> Any:
+        return dpo_examples(pairs, prompt_format, data, config.system_prompt)
+
+    train_set, eval_set, counts = prepare_examples(pairs, to_examples, prompt_format, config, data, out, args, "DPO")
+
+    # --- Train
+    trainer = DPOTrainer(
+        model=policy,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=base.tokenizer,
+        peft_config=new_adapter,
+        callbacks=callbacks,
+    )
+    require_examples(trainer, data, "DPO", config.max_length)
+    reference = reference_model(trainer)
+    trainer.add_callback(FirstStepLossCheck(settings.first_step_loss_tolerance, reference))
+    results = train_and_evaluate(trainer, out, checkpoint)
+
+    # --- Save
+    metrics = {
+        "stage": "dpo",
+        **run_description(config, data, prompt_format, counts),
+        "start": f"SFT adapter {settings.sft_adapter}" if settings.sft_adapter else "base model",
+        "reference_model": reference,
+        "reference_log_probs": "precomputed once" if settings.precompute_ref_log_probs else "computed every step",
+        **results,
+    }
+    return save_outputs(trainer, config, out, metrics, merge)
+
+
+def load_trainable_adapter(model: Any, folder: str) -> Any:
+    """The base model with a saved adapter attached and trainable, for DPO to continue."""
+    from peft import PeftModel
+
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise SelfAlignError(f"dpo.sft_adapter: {folder} is not a PEFT adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, folder, is_trainable=True)
+
+
+def reference_model(trainer: Any) -> str:
+    """Which reference TRL chose: a fresh adapter is disabled, a pretrained one is copied into a frozen 'ref'."""
+    if trainer.ref_model is not None:
+        return "a separate copy of the starting model"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(model, "peft_config", {}):
+        return "frozen copy of the SFT adapter (PEFT adapter 'ref')"
+    return "base model with the adapter disabled"
