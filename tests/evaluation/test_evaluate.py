@@ -112,3 +112,16 @@ def test_unknown_adapter_folder_is_a_clear_error(tmp_path):
 
     with pytest.raises(SelfAlignError, match="adapter 'dpo': folder not found"):
         evaluate(EvaluateConfig(adapters={"dpo": str(tmp_path / "missing")}), tmp_path / "out")
+
+
+def test_external_judge_agreement_is_reported(tmp_path, prompt_files, scripted_variants):
+    from selfalign.models.language_model import ModelConfig
+
+    harmful, benign, _, _ = prompt_files
+    external = JudgeConfig(template="zero-shot", mode="logprob", model=ModelConfig(backend="scripted"))
+    config = EvaluateConfig(harmful=str(harmful), benign=str(benign), helpful=None, external_judge=external,
+                            bootstrap_samples=200)  # fmt: skip
+    metrics = evaluate(config, tmp_path / "eval")
+    agreement = metrics["models"]["base"]["external_judge_agreement"]
+    assert agreement["n"] == 10 and agreement["agreement"] == 1.0
+    assert "Agreement with the external judge" in (tmp_path / "eval" / "report.md").read_text()
