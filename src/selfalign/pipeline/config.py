@@ -19,7 +19,8 @@ from selfalign.judging.tuning import TuneJudgeConfig
 from selfalign.models.language_model import ModelConfig
 from selfalign.preferences.config import PreferencesConfig
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
+# `selfalign run` with no config runs the demo: configs/demo.yaml of the current folder, else of the source checkout.
+DEFAULT_CONFIGS = (Path("configs") / "demo.yaml", Path(__file__).resolve().parents[3] / "configs" / "demo.yaml")
 
 
 class TrainingSection(StrictModel):
@@ -86,7 +87,9 @@ def _check_training_settings(section: TrainingSection) -> None:
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if path is None:
+        path = next((candidate for candidate in DEFAULT_CONFIGS if candidate.is_file()), DEFAULT_CONFIGS[0])
+    path = Path(path)
     if not path.is_file():
         raise SelfAlignError(f"{path}: run config not found")
     return load_config(RunConfig, path, overrides)
