@@ -9,12 +9,29 @@ utilisation (MFU) of each against this machine's measured matmul throughput in t
     python benchmarks/generation.py [--model embedded:gemma-3-270m] [--prompts 64] [--max-new-tokens 128]
 
 Last line: ratio=<backend useful tok/s / baseline useful tok/s>.
+
+With --openai: the openai backend's `generate` against llama.cpp's server (llama-cpp-python, the server's default
+threads unless --server-threads) serving the model's GGUF on 127.0.0.1, the same prompts in the `plain` format sent
+at each --concurrency level (default 1, 4, 8 requests in flight per server), the levels run in turn in every round,
+in reverse order every other round, so that a drift in machine load favours none. Prints useful tok/s per level over
+all rounds (useful: tokens of the answer up to the stop, counted with the model's tokenizer), the ratio to the first
+level, and how many first-round answers were identical to the first level's. --servers N puts N servers behind the
+one backend, as replicas of one engine (on one machine they share its cores).
+
+    python benchmarks/generation.py --openai --prompts 8 --max-new-tokens 48 [--concurrency 1 4 8] [--rounds 2]
+
+Last lines: ratio_c<level>_vs_c1=<useful tok/s at that level / at concurrency 1>.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,7 +39,7 @@ from selfalign.backends.base import GenerationParams, truncate_at_stop
 from selfalign.backends.transformers_backend import TransformersBackend
 from selfalign.data.loading import read_reference_rows
 from selfalign.models.formats import get_prompt_format
-from selfalign.models.loading import load_model
+from selfalign.models.loading import load_model, load_tokenizer
 
 
 def benchmark_prompts(count: int) -> list[str]:
@@ -84,13 +101,100 @@ def run_backend(model_ref: str, prompts: list[str], params: GenerationParams, ba
     return seconds, sum(c.completion_tokens for c in completions), loaded.model.dtype, n_parameters
 
 
+def gguf_for(model_ref: str) -> Path:
+    """The GGUF file llama.cpp serves: the embedded model's, or a .gguf path."""
+    from selfalign.models.gguf_cache import embedded_gguf_path
+    from selfalign.models.references import resolve_model_reference
+
+    reference = resolve_model_reference(model_ref)
+    if reference.kind == "embedded":
+        return embedded_gguf_path(reference.location)
+    if reference.kind == "gguf":
+        return Path(reference.location)
+    raise SystemExit(f"--openai serves a GGUF file: give --model embedded:NAME or a .gguf path, not {model_ref}")
+
+
+def run_openai(args: argparse.Namespace) -> None:
+    """The openai backend against llama.cpp's server at several concurrency levels, in the same run."""
+    from selfalign.backends.llama_server import llama_server, server_missing
+    from selfalign.backends.openai_backend import OpenAIBackend, OpenAIOptions
+
+    if server_missing():
+        raise SystemExit(server_missing())
+    # The server tokenizes and adds BOS itself, as it does for the pipeline's openai backend.
+    prompt_format = get_prompt_format(None, "plain")
+    prompts = [prompt_format.render_prompt(p) for p in benchmark_prompts(args.prompts)]
+    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=0.0, stop=list(prompt_format.stop))
+    tokenizer = load_tokenizer(args.model)  # counts useful tokens of the answers: same vocabulary as the GGUF
+    server_args = ["--n_ctx", "2048"]
+    if args.server_threads is not None:  # else the server's defaults: half the cores to decode, all to prefill
+        server_args += ["--n_threads", str(args.server_threads), "--n_threads_batch", str(args.server_threads)]
+    print(f"model={args.model} prompts={len(prompts)} max_new_tokens={params.max_new_tokens} stop={params.stop!r}")
+    print(f"llama.cpp server (llama-cpp-python) x{args.servers}: {' '.join(server_args)}; "
+          f"concurrency per server {args.concurrency}, rounds {args.rounds}")  # fmt: skip
+
+    def backend_at(concurrency: int, urls: list[str]) -> OpenAIBackend:
+        options = OpenAIOptions(base_urls=urls, concurrency=concurrency, timeout_s=600.0, show_progress=False,
+                                repetition_penalty_field="repeat_penalty")  # fmt: skip
+        return OpenAIBackend(args.model, options)  # llama-cpp-python serves its one model under any name
+
+    def useful_tokens(texts: list[str]) -> int:
+        return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+
+    runs: dict[int, list[tuple[float, int, int]]] = {level: [] for level in args.concurrency}  # s, useful, generated
+    answers: dict[int, list[str]] = {}
+    with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as stack:
+        gguf = gguf_for(args.model)
+        servers = [
+            stack.enter_context(llama_server(gguf, Path(logs) / f"server-{rank}.log", extra_args=server_args))
+            for rank in range(args.servers)
+        ]
+        urls = [server.url for server in servers]
+        backend_at(1, urls).generate(prompts[: len(urls)], params.model_copy(update={"max_new_tokens": 4}))  # warm-up
+        for round_index in range(args.rounds):
+            # Every other round runs the levels in reverse, so that a drift in machine load favours none of them.
+            for level in args.concurrency if round_index % 2 == 0 else reversed(args.concurrency):
+                backend = backend_at(level, urls)
+                started = time.perf_counter()
+                completions = backend.generate(prompts, params)
+                seconds = time.perf_counter() - started
+                texts = [c.text for c in completions]
+                answers.setdefault(level, texts)  # the first round's
+                runs[level].append((seconds, useful_tokens(texts), sum(c.completion_tokens for c in completions)))
+                print(f"  round {round_index + 1}, concurrency {level}: {runs[level][-1][1]} useful tokens in "
+                      f"{seconds:.1f} s = {runs[level][-1][1] / seconds:.1f} tok/s, requests per server "
+                      f"{list(backend.last_run.requests.values())}")  # fmt: skip
+
+    reference = args.concurrency[0]
+    rates = {}
+    for level in args.concurrency:
+        seconds, useful, generated = (sum(values) for values in zip(*runs[level]))
+        rates[level] = useful / seconds
+        same = sum(a == b for a, b in zip(answers[level], answers[reference]))
+        print(f"openai backend, concurrency {level} x {args.servers} server(s), {args.rounds} rounds: {useful} useful "
+              f"tokens ({generated} generated, stop strings included) in {seconds:.1f} s = {rates[level]:.1f} tok/s; "
+              f"first-round answers identical to concurrency {reference}'s: {same}/{len(prompts)}")  # fmt: skip
+    for level in args.concurrency[1:]:
+        print(f"ratio_c{level}_vs_c{reference}={rates[level] / rates[reference]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:gemma-3-270m")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--openai", action="store_true", help="The openai backend against llama.cpp's server.")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="With --openai: levels.")
+    parser.add_argument("--rounds", type=int, default=2, help="With --openai: runs of every level, interleaved.")
+    parser.add_argument("--servers", type=int, default=1, help="With --openai: server replicas.")
+    parser.add_argument("--server-threads", type=int, help="With --openai: --n_threads of each server.")
     args = parser.parse_args()
+    if args.openai:
+        # SIGTERM (`timeout`, a CI limit) must unwind too, so that the servers this run started are stopped.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        run_openai(args)
+        return
 
     loaded = load_model(args.model, dtype="float32")
     prompt_format = get_prompt_format(loaded.tokenizer)

@@ -8,83 +8,34 @@ CPUs); skips with the reason where it is not installed.
 
 from __future__ import annotations
 
-import importlib.util
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from selfalign.backends.base import BACKENDS, GenerationParams
+from selfalign.backends.llama_server import llama_server as serve_gguf
+from selfalign.backends.llama_server import server_missing
 from selfalign.models.gguf_cache import embedded_gguf_path
 from selfalign.models.language_model import ModelConfig, load_language_model
-from tests.backends.http_helpers import FAULTS, HOST, BackgroundLoop, FaultProxy
+from tests.backends.http_helpers import FAULTS, BackgroundLoop, FaultProxy
 
-SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
-STARTUP_LIMIT_S = 180
 QUESTIONS = [
     "What is the capital of France?", "Name three primary colours.", "How many legs does a spider have?",
     "Write one sentence about the sea.", "What is 12 times 12?", "Who wrote Hamlet?", "What is photosynthesis?",
     "Give me a tip for sleeping better.",
 ]  # fmt: skip
 
-
-def server_missing() -> str | None:
-    missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
-        return f"llama-cpp-python[server] is not installed ({', '.join(missing)} missing); .ci/run installs it"
-    return None
-
-
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(server_missing() is not None, reason=server_missing() or "")]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> float:
-    import httpx
-
-    started = time.monotonic()
-    while time.monotonic() - started < STARTUP_LIMIT_S:
-        if process.poll() is not None:
-            pytest.fail(f"llama.cpp server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"llama.cpp server did not answer /v1/models within {STARTUP_LIMIT_S} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
     """`python -m llama_cpp.server` on the embedded GGUF, 127.0.0.1 and a free port; stopped by its PID."""
     gguf = embedded_gguf_path("gemma-3-270m")  # under $SELFALIGN_HOME (default ~/.cache/selfalign)
-    port = free_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", HOST, "--port", str(port),
-               "--n_ctx", "2048", "--logits_all", "true"]  # fmt: skip
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://{HOST}:{port}/v1"
-        seconds = wait_until_serving(url, process, log)
-        print(f"\nllama.cpp server {process.pid} serving on {url} after {seconds:.1f} s")
-        yield url, port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with serve_gguf(gguf, log, extra_args=["--n_ctx", "2048", "--logits_all", "true"]) as server:
+        print(f"\nllama.cpp server {server.pid} serving on {server.url} after {server.startup_s:.1f} s")
+        yield server.url, server.port
 
 
 def server_model(urls: str | list[str], **options) -> ModelConfig:
