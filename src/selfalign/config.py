@@ -6,6 +6,7 @@ errors that name the key and the file, because a mistyped option silently ignore
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +32,10 @@ def _construct_mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.M
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        if not isinstance(key, Hashable):  # `? [a, b]` is a list key: PyYAML itself would fail with a TypeError
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a plain value, not a list or mapping", key_node.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key '{key}' (first on line {seen[key] + 1})", key_node.start_mark
@@ -57,7 +62,9 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SelfAlignError(f"{path}{where}: invalid YAML: {problem}") from None
+        raise SelfAlignError(f"{path}{where}: invalid YAML: {' '.join(problem.split())}") from None
+    except RecursionError:
+        raise SelfAlignError(f"{path}: invalid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

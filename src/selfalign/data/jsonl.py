@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -53,16 +54,32 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> None
     write_text_atomic(path, "".join(dumps_row(row) + "\n" for row in rows))
 
 
+def is_atomic_write_leftover(name: str) -> bool:
+    """A temporary file of `write_text_atomic` (".NAME.RANDOM.tmp"), left behind by a process killed mid-write."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A process killed (kill -9) between writing and renaming leaves its temporary file behind; the rerun that
+    # writes the same file removes it, so a resumed stage's folder equals an uninterrupted one.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # a read-only or full disk: say which file, not a traceback
+        raise SelfAlignError(f"{path}: cannot write ({exc.strerror or exc}); files written before are kept") from None
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise SelfAlignError(
+                f"{path}: cannot write ({exc.strerror or exc}); files written before are kept"
+            ) from None
         raise

@@ -23,7 +23,10 @@ class ResumableJsonl:
     def __init__(self, path: str | Path, key: str = "key") -> None:
         self.path = Path(path)
         self.key = key
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SelfAlignError(f"{self.path.parent}: cannot create the folder ({exc.strerror or exc})") from None
         self._rows: dict[Any, dict[str, Any]] = {}
         if self.path.exists():
             self._load()
@@ -35,7 +38,11 @@ class ResumableJsonl:
             # the process died while writing this line: drop it so the item is done again
             with self.path.open("r+b") as handle:
                 handle.truncate(len(complete))
-        for number, line in enumerate(complete.decode("utf-8", errors="strict").splitlines(), start=1):
+        try:
+            text = complete.decode("utf-8", errors="strict")
+        except UnicodeDecodeError:
+            raise SelfAlignError(f"{self.path}: damaged progress file (not UTF-8 text); delete it to redo") from None
+        for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): rows may hold U+2028
             if not line.strip():
                 continue
             try:
@@ -44,7 +51,7 @@ class ResumableJsonl:
                 raise SelfAlignError(
                     f"{self.path}:{number}: damaged progress file ({exc.msg}); delete it to redo"
                 ) from None
-            if not isinstance(row, dict) or self.key not in row:
+            if not isinstance(row, dict) or not isinstance(row.get(self.key), (str, int)):
                 raise SelfAlignError(f"{self.path}:{number}: progress row without '{self.key}'; delete it to redo")
             self._rows[row[self.key]] = row
 

@@ -11,13 +11,15 @@ import re
 from dataclasses import dataclass
 
 # "#answer: 1", "Answer: 0", "answer = 1", "**Answer:** 1", "#answer: **1**", "verdict: 0"
+# (whitespace and stars as one class `[\s*]*`: two adjacent `\s*` made a long run of spaces take quadratic time)
 _LABELLED = re.compile(
-    r"(?:^|[\s#*])(?:answer|verdict|label)\s*\**\s*[:=]\s*\**\s*\(?([01])\)?\**(?![\d.,]\d)(?!\d)", re.IGNORECASE
+    r"(?:^|[\s#*])(?:answer|verdict|label)[\s*]*[:=][\s*]*\(?([01])\)?\**(?![\d.,]\d)(?!\d)", re.IGNORECASE
 )
 # "**1**" standing alone, or a line that is only a digit
 _BOLD = re.compile(r"\*\*\s*([01])\s*\*\*(?!\d)")
-_BARE_LINE = re.compile(r"^\s*([01])\s*[.!]?\s*$", re.MULTILINE)
-_REASON = re.compile(r"#?\s*reason\s*[:=]\s*(.*?)(?=\n\s*#?\s*answer\s*[:=]|\Z)", re.IGNORECASE | re.DOTALL)
+# Spaces within one line only (`[^\S\n]`): a `\s*` that crossed newlines made thousands of blank lines take minutes.
+_BARE_LINE = re.compile(r"^[^\S\n]*([01])[^\S\n]*[.!]?[^\S\n]*$", re.MULTILINE)
+_REASON = re.compile(r"reason\s*[:=]\s*(.*?)(?=\n[^\S\n]*#?[^\S\n]*answer[^\S\n]*[:=]|\Z)", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError
 
 from selfalign.config import StrictModel, format_validation_error
 from selfalign.errors import SelfAlignError
-from selfalign.templating import render_template, template_variables
+from selfalign.templating import read_template_file, render_template, template_variables
 
 REQUIRED_PLACEHOLDERS = ("request", "response")
 JudgeMode = Literal["generate", "logprob"]
@@ -65,7 +65,7 @@ def load_template(name_or_path: str) -> JudgeTemplate:
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise SelfAlignError(f"{path}: judge template file not found")
-        text, source, name = path.read_text(encoding="utf-8"), str(path), path.stem
+        text, source, name = read_template_file(path), str(path), path.stem
     elif name_or_path in builtin_template_names():
         text = _templates_folder().joinpath(f"{name_or_path}.yaml").read_text(encoding="utf-8")
         source, name = f"judge template '{name_or_path}'", name_or_path
@@ -77,7 +77,9 @@ def load_template(name_or_path: str) -> JudgeTemplate:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SelfAlignError(f"{source}: invalid YAML ({exc})") from None
+        raise SelfAlignError(f"{source}: invalid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise SelfAlignError(f"{source}: invalid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise SelfAlignError(f"{source}: a judge template is a mapping with at least a 'prompt'")
     try:

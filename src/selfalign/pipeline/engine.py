@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from selfalign.data.jsonl import write_text_atomic
+from selfalign.data.jsonl import is_atomic_write_leftover, write_text_atomic
 from selfalign.errors import SelfAlignError
 from selfalign.pipeline.config import RunConfig
 
@@ -54,11 +54,14 @@ class RunState:
 
 
 def folder_hash(folder: Path, skip: tuple[str, ...] = (MARKER,)) -> str:
-    """Content hash of a stage's outputs: every file's relative path and bytes, checkpoints and progress excluded."""
+    """Content hash of a stage's outputs: every file's relative path and bytes, checkpoints and progress excluded
+    (and the temporary file of an atomic write that a kill -9 interrupted, e.g. of the marker itself)."""
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder).as_posix()
         if not path.is_file() or relative in skip or "checkpoint-" in relative or "/stages/" in f"/{relative}":
+            continue
+        if is_atomic_write_leftover(path.name):
             continue
         digest.update(relative.encode() + b"\0")
         with path.open("rb") as handle:

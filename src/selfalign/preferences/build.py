@@ -226,8 +226,11 @@ def write_dataset(folder: Path, splits: dict[str, list[dict]], files: dict[str, 
     import datasets
 
     folder = Path(folder)
+    # a run killed while building (kill -9) leaves its half-built or replaced copy, named by its process id: the
+    # output folder belongs to one run at a time, so whatever an earlier process left is removed before building
+    for leftover in [*folder.parent.glob(f".{folder.name}.building-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
     features = datasets.Features({name: datasets.Value(kind) for name, kind in COLUMNS.items()})
     dataset = datasets.DatasetDict(
         {

@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError
 
 from selfalign.config import StrictModel, format_validation_error
 from selfalign.errors import SelfAlignError
-from selfalign.templating import render_template, template_variables
+from selfalign.templating import read_template_file, render_template, template_variables
 
 
 class Step(StrictModel):
@@ -87,7 +87,7 @@ def _read(name_or_path: str, shipped: Any, names: list[str], kind: str) -> tuple
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise SelfAlignError(f"{path}: {kind} file not found")
-        text, source, name = path.read_text(encoding="utf-8"), str(path), path.stem
+        text, source, name = read_template_file(path), str(path), path.stem
     elif name_or_path in names:
         text = shipped.joinpath(f"{name_or_path}.yaml").read_text(encoding="utf-8")
         source, name = f"{kind} '{name_or_path}'", name_or_path
@@ -96,7 +96,9 @@ def _read(name_or_path: str, shipped: Any, names: list[str], kind: str) -> tuple
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SelfAlignError(f"{source}: invalid YAML ({exc})") from None
+        raise SelfAlignError(f"{source}: invalid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise SelfAlignError(f"{source}: invalid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise SelfAlignError(f"{source}: expected a mapping at the top level")
     return data, text, source, name
