@@ -1,9 +1,12 @@
 import json
+import time
+from pathlib import Path
 
 import pytest
 
 from selfalign.errors import SelfAlignError
 from selfalign.pipeline.engine import MARKER, Stage, run_stages
+from selfalign.pipeline.memory import measure_peak_memory
 
 
 def make_stages(log, settings=None, fail=None):
@@ -94,3 +97,46 @@ def test_a_killed_stage_is_not_finished_and_reruns(tmp_path):
     assert log == ["c", "d"]
     marker = json.loads((state.outputs["c"] / MARKER).read_text())
     assert marker["inputs"] == {"a": json.loads((state.outputs["a"] / MARKER).read_text())["output_hash"]}
+
+
+def stages_that_use_memory(megabytes, tokens):
+    """a holds `megabytes` of memory for a moment and reports `tokens`; b reads a. Same outputs whatever the sizes."""
+
+    def a_body(inputs, folder):
+        held = b"x" * (megabytes * 1_000_000)  # written, so resident
+        time.sleep(0.35)  # several sampler ticks, in case the process peaked higher before
+        (folder / "out.txt").write_text(f"a{len(held) > 0}")
+
+    def b_body(inputs, folder):
+        (folder / "out.txt").write_text("b" + (inputs["a"] / "out.txt").read_text())
+
+    return [
+        Stage("a", "a", [], {}, a_body, count_tokens=lambda folder: {"generated": tokens}),
+        Stage("b", "b", ["a"], {}, b_body),
+    ]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="per-stage peaks are sampled from /proc")
+def test_each_stage_records_its_peak_memory_and_tokens(tmp_path):
+    _, state = run_stages(stages_that_use_memory(200, tokens=42), tmp_path)
+    a = json.loads((state.outputs["a"] / MARKER).read_text())
+    assert a["peak_rss_kb"] - a["rss_start_kb"] >= 180_000  # 200 MB held, in kB
+    assert a["peak_rss_measured"] in ("high-water mark", "sampled every 0.1 s")
+    assert a["tokens"] == {"generated": 42}
+    b = json.loads((state.outputs["b"] / MARKER).read_text())
+    assert b["tokens"] is None and b["peak_rss_kb"] >= b["rss_start_kb"] > 0
+
+
+def test_memory_and_tokens_stay_out_of_keys_and_hashes(tmp_path):
+    _, first = run_stages(stages_that_use_memory(50, tokens=1), tmp_path)
+    plan, _ = run_stages(stages_that_use_memory(5, tokens=2), tmp_path)
+    assert not any(p.will_run for p in plan)  # other memory and tokens: still cached
+    plan, second = run_stages(stages_that_use_memory(5, tokens=2), tmp_path, from_stage="a")
+    assert [p.will_run for p in plan] == [True, True]
+    assert second.hashes == first.hashes and second.records["a"]["tokens"] == {"generated": 2}
+
+
+def test_peak_memory_is_measured_where_the_block_raises():
+    with pytest.raises(KeyboardInterrupt), measure_peak_memory() as memory:
+        raise KeyboardInterrupt
+    assert memory.record["peak_rss_kb"] > 0

@@ -1,6 +1,8 @@
 """The pipeline's wiring and caching with stand-in stage bodies (the real ones are tested in their own folders)."""
 
 import json
+import re
+import sys
 
 import pytest
 
@@ -48,6 +50,8 @@ def test_first_run_runs_every_stage_and_writes_the_manifest(tmp_path, ran):
     assert on_disk["seed"] == 0 and on_disk["packages"]["transformers"]
     assert set(on_disk["outputs"]) == set(ran)
     assert all("output_hash" in stage and "seconds" in stage for stage in on_disk["stages"].values())
+    assert all(stage["peak_rss_kb"] >= stage["rss_start_kb"] for stage in on_disk["stages"].values())
+    assert on_disk["peak_rss_kb"] >= max(stage["peak_rss_kb"] for stage in on_disk["stages"].values())
 
 
 def test_changing_one_training_setting_reruns_only_training_evaluation_and_report(tmp_path, ran):
@@ -80,3 +84,16 @@ def test_config_errors_come_before_any_stage(tmp_path, ran):
     with pytest.raises(SelfAlignError, match="no column"):
         run_pipeline(demo(tmp_path, "preferences.prompts.0.prompt_column=text"))
     assert ran == []
+
+
+def test_the_run_command_prints_peak_memory_per_stage(tmp_path, ran, monkeypatch, capsys):
+    from selfalign.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["selfalign", "run", f"out={tmp_path / 'run'}"])
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps the table to the terminal's width
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    printed = capsys.readouterr().out
+    assert not exit_info.value.code
+    assert "peak RSS" in printed and "peak resident memory of this run:" in printed
+    assert re.search(r"preferences .*yes .* \d+\.\d\d GB", printed)

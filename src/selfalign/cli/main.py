@@ -140,10 +140,20 @@ def run_command(
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("stage", "ran", "seconds", "folder")
+        from selfalign.pipeline.engine import format_gb, format_tokens
+
+        table = Table("stage", "ran", "seconds", "peak RSS", "tokens", "folder")
         for name, stage in manifest["stages"].items():
-            table.add_row(name, "yes" if stage["ran"] else "cached", str(stage.get("seconds", "")), stage["folder"])
+            table.add_row(
+                name,
+                "yes" if stage["ran"] else "cached",
+                str(stage.get("seconds", "")),
+                format_gb(stage.get("peak_rss_kb")),
+                format_tokens(stage.get("tokens")),
+                stage["folder"],
+            )
         Console().print(table)
+        typer.echo(f"peak resident memory of this run: {format_gb(manifest.get('peak_rss_kb'))}")
         typer.echo(f"report: {Path(run_config.out) / 'report.md'}; manifest: {Path(run_config.out) / 'run.json'}")
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from selfalign.data.jsonl import is_atomic_write_leftover, write_text_atomic
 from selfalign.errors import SelfAlignError
 from selfalign.pipeline.config import RunConfig
+from selfalign.pipeline.memory import lifetime_peak_kb, measure_peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class Stage:
     inputs: list[str]  # names of the stages whose outputs it reads
     settings: dict[str, Any]  # everything else that changes its output
     body: Callable[[dict[str, Path], Path], None]  # (input folders, own folder) -> writes into own folder
+    # own folder -> tokens it generated or trained on, read from the files the body wrote (not part of the key)
+    count_tokens: Callable[[Path], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -134,7 +137,11 @@ def execute(stage: Stage, folder: Path, key: str, inputs: dict[str, Path], input
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MARKER).unlink(missing_ok=True)  # a forced rerun must not look finished if it is killed
     started = time.perf_counter()
-    stage.body(inputs, folder)
+    with measure_peak_memory() as memory:
+        stage.body(inputs, folder)
+    seconds = time.perf_counter() - started
+    # Memory and tokens describe this execution, like `seconds`: they live in stage.json only, which neither the
+    # output hash nor any stage key reads, so a rerun with other timings or memory still matches the cache.
     record = {
         "stage": stage.name,
         "kind": stage.kind,
@@ -142,7 +149,9 @@ def execute(stage: Stage, folder: Path, key: str, inputs: dict[str, Path], input
         "settings": stage.settings,
         "inputs": input_hashes,
         "output_hash": folder_hash(folder),
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(seconds, 2),
+        **memory.record,
+        "tokens": stage.count_tokens(folder) if stage.count_tokens else None,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_text_atomic(folder / MARKER, json.dumps(record, indent=2, default=str) + "\n")
@@ -155,6 +164,17 @@ def print_plan(plan: list[PlannedStage]) -> str:
         status = "run" if item.will_run else ("cached" if item.cached else "skip")
         lines.append(f"{item.stage.name:<16} {status:<7} {item.folder}")
     return "\n".join(lines)
+
+
+def format_gb(kilobytes: int | None) -> str:
+    """Resident memory for people: the kernel's kB (KiB) as GB (10^9 bytes), the unit of the README's targets."""
+    return "" if kilobytes is None else f"{kilobytes * 1024 / 1e9:.2f} GB"
+
+
+def format_tokens(tokens: dict[str, Any] | None) -> str:
+    if not tokens:
+        return ""
+    return ", ".join(f"{count} {what}" for what, count in tokens.items() if isinstance(count, int))
 
 
 def build_manifest(config: RunConfig, plan: list[PlannedStage], state: RunState, out: Path, seconds: float) -> dict:
@@ -173,6 +193,7 @@ def build_manifest(config: RunConfig, plan: list[PlannedStage], state: RunState,
         "seed": config.seed,
         "config": config.model_dump(mode="json"),
         "seconds": round(seconds, 2),
+        "peak_rss_kb": lifetime_peak_kb(),  # the whole process's, model loading included
         "stages": {
             item.stage.name: {
                 "folder": str(item.folder),

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from selfalign.data.jsonl import write_text_atomic
+from selfalign.data.jsonl import read_jsonl, write_text_atomic
 from selfalign.pipeline.config import RunConfig
 from selfalign.pipeline.engine import Stage
 
@@ -22,6 +22,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
     judge_inputs: list[str] = []
     if config.tune_judge is not None:
         tune = config.tune_judge.model_copy(update={"model": config.model})
+        # tune-judge generates nothing worth counting: its judges read log-probabilities of fixed answers
         stages.append(Stage("tune-judge", "tune-judge", [], tune.model_dump(mode="json"), _tune_judge_body(tune)))
         judge_inputs = ["tune-judge"]
 
@@ -43,6 +44,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                 judge_inputs + policy_inputs,
                 settings,
                 _preferences_body(config, preferences, previous_adapter_stage),
+                count_preference_tokens,
             )
         )
 
@@ -55,6 +57,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     ["preferences"],
                     {"preset": config.training.preset, "training": training, "stage": "sft"},
                     _training_body(config, "sft", "preferences", None),
+                    count_training_tokens,
                 )
             )
             adapters["sft"] = "sft"
@@ -69,6 +72,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     inputs,
                     {"preset": config.training.preset, "training": training, "stage": "dpo"},
                     _training_body(config, "dpo", f"preferences{suffix}", start_from),
+                    count_training_tokens,
                 )
             )
             adapters[name] = name
@@ -88,6 +92,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
             judge_inputs + list(adapters.values()),
             settings,
             _evaluate_body(config, evaluation, adapters),
+            count_evaluation_tokens,
         )
     )
     report_inputs = [s.name for s in stages]
@@ -188,6 +193,50 @@ def _report_body(stage_names: list[str]):
         write_run_report(inputs, folder)
 
     return body
+
+
+# ---- token counts, read from the files each stage wrote ---------------------------------------------------------
+
+
+def _sum_column(path: Path, column: str) -> int | None:
+    """Sum of a JSONL file's integer column; None when the file or the column is missing (a stand-in stage, or
+    rows written before the column existed)."""
+    if not path.is_file():
+        return None
+    values = [row[column] for row in read_jsonl(path) if isinstance(row.get(column), int)]
+    return sum(values) if values else None
+
+
+def count_preference_tokens(folder: Path) -> dict[str, Any] | None:
+    """Tokens the policy generated: answers, revisions (and critiques), refusals for the helpful mix. The judge is
+    not counted: its rows do not record tokens, and a log-probability judge generates none."""
+    from selfalign.preferences.stages import HELPFUL, RESPONSES, REVISIONS, stage_path
+
+    stage_dir = folder / "stages"
+    per_step = {
+        "respond": _sum_column(stage_path(stage_dir, RESPONSES), "response_tokens"),
+        "critique": _sum_column(stage_path(stage_dir, REVISIONS), "critique_tokens"),
+        "revise": _sum_column(stage_path(stage_dir, REVISIONS), "revision_tokens"),
+        "helpful": _sum_column(stage_path(stage_dir, HELPFUL), "refusal_tokens"),
+    }
+    counted = {step: count for step, count in per_step.items() if count is not None}
+    return {"generated": sum(counted.values()), "per_step": counted} if counted else None
+
+
+def count_training_tokens(folder: Path) -> dict[str, Any] | None:
+    """Tokens the trainer fed the model (attention-mask tokens), as TRL last logged them (`num_tokens`)."""
+    try:
+        metrics = json.loads((folder / "training" / "metrics.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    tokens = metrics.get("train", {}).get("tokens")
+    return {"trained": round(tokens)} if isinstance(tokens, (int, float)) and tokens > 0 else None
+
+
+def count_evaluation_tokens(folder: Path) -> dict[str, Any] | None:
+    """Tokens the base model and every adapter generated as answers; the judges' tokens are not counted."""
+    generated = _sum_column(folder / "samples.jsonl", "completion_tokens")
+    return None if generated is None else {"generated": generated}
 
 
 def copy_report(report_folder: Path, out: Path) -> None:

@@ -54,8 +54,13 @@ def run(config: PreferencesConfig, judgments: Path, stage_dir: Path, models: Mod
         completions = models.policy.answer(requests, params, answer_prefix=template.response_prefix)
         refusals = [join_prefix(template.response_prefix, c.text) for c in completions]
         return [
-            {"key": row["key"], "refusal": refusal, "is_refusal": detector.detect(refusal).refused}
-            for row, refusal in zip(chunk, refusals)
+            {
+                "key": row["key"],
+                "refusal": refusal,
+                "is_refusal": detector.detect(refusal).refused,
+                "refusal_tokens": completion.completion_tokens,  # the run manifest sums them
+            }
+            for row, refusal, completion in zip(chunk, refusals, completions)
         ]
 
     process_in_fixed_chunks(candidates, store, refuse_chunk, config.chunk_size)

@@ -100,16 +100,19 @@ def revise_and_judge(
     ]
 
     critiques: list[str | None] = [None] * len(rows)
+    critique_tokens: list[int | None] = [None] * len(rows)
     if template.critique is not None:
         step = template.critique
         requests = [render_step(step, template.source, **v) for v in variables]
         completions = models.policy.answer(requests, params, answer_prefix=step.response_prefix)
         critiques = [join_prefix(step.response_prefix, c.text) for c in completions]
+        critique_tokens = [c.completion_tokens for c in completions]
 
     step = template.revision
     requests = [render_step(step, template.source, **v, critique=c) for v, c in zip(variables, critiques)]
     completions = models.policy.answer(requests, params, answer_prefix=step.response_prefix)
     revisions = [join_prefix(step.response_prefix, c.text) for c in completions]
+    revision_tokens = [c.completion_tokens for c in completions]  # the run manifest sums them
 
     # the judge reads only revisions that could be accepted: an empty or unchanged one is rejected already
     to_judge = [i for i, (row, text) in enumerate(zip(rows, revisions)) if not why_unusable(row["response"], text)]
@@ -131,7 +134,9 @@ def revise_and_judge(
                 "strategy": template.name,
                 "principle": principle.name if principle else None,
                 "critique": critique,
+                "critique_tokens": critique_tokens[index],
                 "revision": revision,
+                "revision_tokens": revision_tokens[index],
                 **{f"revision_{name}": value for name, value in fields.items()},
                 "accepted": rejected_because is None,
                 "why_not_accepted": rejected_because,
