@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from selfalign.backends.base import BACKENDS, GenerationParams
 from selfalign.backends.vllm_backend import VLLMOptions, device_groups, split_evenly
@@ -80,7 +81,7 @@ def test_engine_arguments_come_from_the_config(fake_vllm, tiny_model_dir):
 
 
 def test_unknown_options_are_errors(tiny_model_dir):
-    with pytest.raises(SelfAlignError, match="unknown key 'tensor_paralel_size'"):
+    with pytest.raises(ValidationError, match="tensor_paralel_size: unknown option"):
         vllm_backend(tiny_model_dir, tensor_paralel_size=2)
 
 

@@ -73,6 +73,29 @@ def test_dry_run_prints_the_plan_without_running(tmp_path, ran):
     }  # fmt: skip
 
 
+SERVED = ["model.backend=openai", "model.model=served-model"]
+
+
+def test_adding_a_server_or_changing_concurrency_reruns_nothing(tmp_path, ran):
+    one_server = ["model.options.base_urls=[http://127.0.0.1:8000/v1]", "model.options.concurrency=4"]
+    run_pipeline(demo(tmp_path, *SERVED, *one_server))
+    ran.clear()
+    two_servers = ["model.options.base_urls=[http://127.0.0.1:8000/v1, http://127.0.0.1:8001/v1]",
+                   "model.options.concurrency=16", "model.options.max_retries=9"]  # fmt: skip
+    plan, _ = run_pipeline(demo(tmp_path, *SERVED, *two_servers), dry_run=True)
+    assert not any(p.will_run for p in plan)
+    plan, _ = run_pipeline(demo(tmp_path, *SERVED, *one_server, "model.options.endpoint=chat"), dry_run=True)
+    assert all(p.will_run for p in plan)  # the endpoint changes what the server answers
+
+
+def test_a_misspelt_backend_option_fails_before_any_stage(tmp_path, ran):
+    with pytest.raises(SelfAlignError, match="backend vllm: tensor_parallel_sise: unknown option"):
+        demo(tmp_path, "model.backend=vllm", "model.options.tensor_parallel_sise=2")
+    with pytest.raises(SelfAlignError, match="needs base_url"):
+        demo(tmp_path, "model.backend=openai")
+    assert ran == []
+
+
 def test_rounds_use_the_latest_adapter(tmp_path, ran):
     run_pipeline(demo(tmp_path, "rounds=2"))
     assert ran == ["tune-judge", "preferences", "sft", "dpo", "preferences-round2", "dpo-round2", "evaluate", "report"]

@@ -78,6 +78,8 @@ class BackendRegistry:
     """
 
     factories: dict[str, BackendFactory | str] = field(default_factory=dict)
+    # name -> "module:Class" of the pydantic model of its `options:`, so configs are checked when they load
+    options_models: dict[str, str] = field(default_factory=dict)
 
     def register(self, name: str) -> Callable[[BackendFactory], BackendFactory]:
         def decorator(factory: BackendFactory) -> BackendFactory:
@@ -95,6 +97,37 @@ class BackendRegistry:
             factory = getattr(importlib.import_module(module_name), function_name)
         return factory(config)
 
+    def options_model(self, name: str) -> type[StrictModel] | None:
+        """The pydantic model of backend `name`'s options, or None where the backend checks its own."""
+        target = self.options_models.get(name)
+        if target is None:
+            return None
+        module_name, _, class_name = target.partition(":")
+        return getattr(importlib.import_module(module_name), class_name)
+
+    def check_options(self, name: str, options: dict[str, Any]) -> None:
+        """Raise ValueError naming the first bad option, so a misspelt option fails before any stage runs."""
+        from pydantic import ValidationError
+
+        model = self.options_model(name)
+        if model is None:
+            return
+        try:
+            model.model_validate(options)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            key = ".".join(str(part) for part in error["loc"])
+            problem = (
+                "unknown option" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+            )
+            raise ValueError(f"backend {name}: {f'{key}: ' if key else ''}{problem}") from None
+
+    def output_neutral_options(self, name: str) -> frozenset[str]:
+        """Options that change how outputs are fetched (servers, concurrency, retries) but never what they are:
+        cache keys leave them out, so adding a server reruns nothing (as inspect_ai leaves out retries)."""
+        model = self.options_model(name)
+        return getattr(model, "OUTPUT_NEUTRAL", frozenset()) if model is not None else frozenset()
+
 
 BACKENDS = BackendRegistry(
     {
@@ -102,5 +135,9 @@ BACKENDS = BackendRegistry(
         "scripted": "selfalign.backends.scripted:create_scripted_backend",
         "openai": "selfalign.backends.openai_backend:create_openai_backend",
         "vllm": "selfalign.backends.vllm_backend:create_vllm_backend",
-    }
+    },
+    {
+        "openai": "selfalign.backends.openai_backend:OpenAIOptions",
+        "vllm": "selfalign.backends.vllm_backend:VLLMOptions",
+    },
 )

@@ -35,7 +35,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -56,6 +56,12 @@ NO_PROMPT_LOGPROBS = (
 
 class OpenAIOptions(StrictModel):
     """`options:` of `backend: openai`. The served model's name is ModelConfig.model."""
+
+    # Where and how requests go, not what comes back: left out of stage cache keys.
+    OUTPUT_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
+        {"base_url", "base_urls", "api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_s",
+         "backoff_max_s", "show_progress"}
+    )  # fmt: skip
 
     base_url: str | None = Field(None, description="The server, e.g. http://127.0.0.1:8000/v1 (or use base_urls).")
     base_urls: list[str] = Field(

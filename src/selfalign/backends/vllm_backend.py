@@ -24,7 +24,7 @@ import multiprocessing
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, ValidationError
 
@@ -41,6 +41,10 @@ WORKER_START_TIMEOUT_S = 1800  # loading a large model, compiling CUDA graphs
 
 class VLLMOptions(StrictModel):
     """`options:` of `backend: vllm`."""
+
+    # Which GPUs and whether a bar shows, not what comes back: left out of stage cache keys. Parallel layouts stay
+    # in: they change batching, and vLLM's outputs are not batch-invariant.
+    OUTPUT_NEUTRAL: ClassVar[frozenset[str]] = frozenset({"gpus", "show_progress"})
 
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model copy (tensor parallelism).")
     data_parallel_size: int = Field(1, ge=1, description="Model copies, each in a process on its own GPUs.")

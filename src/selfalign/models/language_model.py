@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializationInfo, field_serializer, model_validator
 
 from selfalign.backends.base import BACKENDS, Backend, Completion, GenerationParams
 from selfalign.config import StrictModel
@@ -28,6 +28,19 @@ class ModelConfig(StrictModel):
     prompt_format: str = Field("auto", description="auto, chat-template, plain, mistral-inst, raw or a format .yaml.")
     system_prompt: str | None = Field(None, description="System message placed before every request.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")
+
+    @model_validator(mode="after")
+    def _known_options(self) -> ModelConfig:
+        BACKENDS.check_options(self.backend, self.options)  # a misspelt option fails when the config loads
+        return self
+
+    @field_serializer("options")
+    def _options_for(self, options: dict[str, Any], info: SerializationInfo) -> dict[str, Any]:
+        """With context {"cache_key": True} (stage keys), options that cannot change an output are left out."""
+        if not (info.context or {}).get("cache_key"):
+            return options
+        neutral = BACKENDS.output_neutral_options(self.backend)
+        return {key: value for key, value in options.items() if key not in neutral}
 
 
 @dataclass

@@ -14,16 +14,23 @@ from selfalign.pipeline.config import RunConfig
 from selfalign.pipeline.engine import Stage
 
 ADAPTER_RECORD = "adapter.json"  # written by the training stages: where the adapter folder is
+# Stage settings are dumped for cache keys with this context: model options that cannot change an output (servers,
+# concurrency, retries) are left out, so adding a server reruns nothing.
+CACHE_KEY = {"cache_key": True}
 
 
 def plan_stages(config: RunConfig) -> list[Stage]:
-    model = config.model.model_dump(mode="json")
+    model = config.model.model_dump(mode="json", context=CACHE_KEY)
     stages: list[Stage] = []
     judge_inputs: list[str] = []
     if config.tune_judge is not None:
         tune = config.tune_judge.model_copy(update={"model": config.model})
         # tune-judge generates nothing worth counting: its judges read log-probabilities of fixed answers
-        stages.append(Stage("tune-judge", "tune-judge", [], tune.model_dump(mode="json"), _tune_judge_body(tune)))
+        stages.append(
+            Stage(
+                "tune-judge", "tune-judge", [], tune.model_dump(mode="json", context=CACHE_KEY), _tune_judge_body(tune)
+            )
+        )
         judge_inputs = ["tune-judge"]
 
     adapters: dict[str, str] = {}  # variant name -> stage name
@@ -33,9 +40,11 @@ def plan_stages(config: RunConfig) -> list[Stage]:
         policy_inputs = [previous_adapter_stage] if previous_adapter_stage else []
         preferences = config.preferences.model_copy(update={"seed": config.seed + round_number - 1})
         settings = {
-            "preferences": preferences.model_dump(mode="json", exclude={"judge", "policy", "out_dir"}),
+            "preferences": preferences.model_dump(
+                mode="json", context=CACHE_KEY, exclude={"judge", "policy", "out_dir"}
+            ),
             "model": model,
-            "judge": None if judge_inputs else config.judge.model_dump(mode="json"),
+            "judge": None if judge_inputs else config.judge.model_dump(mode="json", context=CACHE_KEY),
         }
         stages.append(
             Stage(
@@ -82,8 +91,8 @@ def plan_stages(config: RunConfig) -> list[Stage]:
 
     evaluation = config.evaluation.model_copy(update={"model": config.model})
     settings = {
-        "evaluation": evaluation.model_dump(mode="json", exclude={"adapters", "judge"}),
-        "judge": None if judge_inputs else config.judge.model_dump(mode="json"),
+        "evaluation": evaluation.model_dump(mode="json", context=CACHE_KEY, exclude={"adapters", "judge"}),
+        "judge": None if judge_inputs else config.judge.model_dump(mode="json", context=CACHE_KEY),
     }
     stages.append(
         Stage(
