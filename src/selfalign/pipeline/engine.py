@@ -21,7 +21,7 @@ from typing import Any
 from selfalign.data.jsonl import is_atomic_write_leftover, write_text_atomic
 from selfalign.errors import SelfAlignError
 from selfalign.pipeline.config import RunConfig
-from selfalign.pipeline.memory import lifetime_peak_kb, measure_peak_memory
+from selfalign.pipeline.memory import lifetime_peak_kb, measure_peak_memory, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def execute(stage: Stage, folder: Path, key: str, inputs: dict[str, Path], input
     started = time.perf_counter()
     with measure_peak_memory() as memory:
         stage.body(inputs, folder)
+    release_free_memory()  # the next stage starts from what this one kept, not from what it once held
     seconds = time.perf_counter() - started
     # Memory and tokens describe this execution, like `seconds`: they live in stage.json only, which neither the
     # output hash nor any stage key reads, so a rerun with other timings or memory still matches the cache.

@@ -10,6 +10,9 @@ overall peak from `/usr/bin/time` and from a parent's RUSAGE_CHILDREN, so it is 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 import sys
 import threading
@@ -88,3 +91,18 @@ def measure_peak_memory(interval: float = SAMPLE_SECONDS) -> Iterator[PeakMemory
         else:
             peak_kb, measured = end_mark_kb, "process high-water mark (an upper bound)"  # no /proc to sample
         result.record = {"rss_start_kb": start_kb, "peak_rss_kb": peak_kb, "peak_rss_measured": measured}
+
+
+def release_free_memory() -> None:
+    """Hand memory that a finished stage freed back to the system before the next stage loads its models.
+
+    Stages load and drop whole models; glibc keeps much of what they free in its heaps, so without this the
+    process's resident memory grows stage after stage (measured on the demo: ~0.7 GB more at the start of each
+    stage). malloc_trim returns free heap pages; elsewhere than glibc this only collects garbage.
+    """
+    gc.collect()
+    library = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and library:
+        trim = getattr(ctypes.CDLL(library), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
