@@ -223,6 +223,9 @@ def data_validate(
 
 def main() -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
+    from selfalign.pipeline.memory import keep_large_blocks_for_reuse
+
+    keep_large_blocks_for_reuse()
     try:
         app()
     except SelfAlignError as exc:

@@ -93,6 +93,33 @@ def measure_peak_memory(interval: float = SAMPLE_SECONDS) -> Iterator[PeakMemory
         result.record = {"rss_start_kb": start_kb, "peak_rss_kb": peak_kb, "peak_rss_measured": measured}
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def _glibc() -> ctypes.CDLL | None:
+    library = ctypes.util.find_library("c")
+    if not (sys.platform.startswith("linux") and library):
+        return None
+    libc = ctypes.CDLL(library)
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def keep_large_blocks_for_reuse() -> None:
+    """Let glibc reuse freed blocks of up to 1 GB instead of unmapping and mapping them again at every step.
+
+    Training steps over a 262k-entry vocabulary allocate and free tensors of hundreds of MB many times a step; by
+    default glibc maps each afresh, and the page faults cost about a third of a DPO step's time on 2 cores (measured:
+    4 DPO steps on the embedded model took 51.8 s, 33 s of it in the kernel, and 37.8 s with this). Memory a stage
+    frees still goes back to the system between stages (`release_free_memory`).
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(1 << 30))
+        libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
+        libc.mallopt(_M_TOP_PAD, ctypes.c_int(256 << 20))
+
+
 def release_free_memory() -> None:
     """Hand memory that a finished stage freed back to the system before the next stage loads its models.
 
@@ -101,8 +128,6 @@ def release_free_memory() -> None:
     stage). malloc_trim returns free heap pages; elsewhere than glibc this only collects garbage.
     """
     gc.collect()
-    library = ctypes.util.find_library("c")
-    if sys.platform.startswith("linux") and library:
-        trim = getattr(ctypes.CDLL(library), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
