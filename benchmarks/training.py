@@ -10,12 +10,21 @@ the steps (the setup between building the trainer and the first step is timed in
     python benchmarks/training.py [--model embedded:gemma-3-270m] [--data examples/preferences.jsonl]
 
 Last line: dpo_precompute_speedup=<DPO total time without precompute / with precompute>.
+
+    python benchmarks/training.py --compare-allocator [--data ...]
+
+DPO (reference computed every step) in two fresh processes, one with glibc's default allocator settings (the
+baseline) and one with the settings `selfalign` sets at start (`keep_large_blocks_for_reuse`); allocator settings
+hold for a whole process, hence the two children. Last line: dpo_allocator_speedup=<baseline steps / reuse steps>.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +32,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from selfalign.pipeline.memory import keep_large_blocks_for_reuse
 from selfalign.training.config import load_training_config
 from selfalign.training.dpo import run_dpo
 from selfalign.training.sft import run_sft
@@ -61,8 +71,18 @@ def main() -> None:
     parser.add_argument("--model", default="embedded:gemma-3-270m")
     parser.add_argument("--data", default=str(ROOT / "examples" / "preferences.jsonl"))
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument(
+        "--allocator", choices=["reuse", "default"], default="reuse", help="glibc settings: selfalign's or glibc's."
+    )
+    parser.add_argument("--compare-allocator", action="store_true", help="DPO under both allocator settings.")
+    parser.add_argument("--dpo-only", action="store_true", help=argparse.SUPPRESS)  # one child of --compare-allocator
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.allocator == "reuse":
+        keep_large_blocks_for_reuse()
+    if args.compare_allocator:
+        compare_allocators(args)
+        return
 
     base = ["eval_fraction=0", "save_steps=100000", "progress_bar=false", f"max_length={args.max_length}"]
     config = load_training_config(None, base, preset="cpu-small")
@@ -73,6 +93,10 @@ def main() -> None:
         f"model={args.model} data={args.data} batch={config.batch_size} max_length={config.max_length} "
         f"epochs={config.epochs} lora_r={config.lora.r} torch threads={torch.get_num_threads()}"
     )
+    if args.dpo_only:
+        with tempfile.TemporaryDirectory() as folder:
+            print(json.dumps(run("dpo", config, args.data, Path(folder) / "dpo")))
+        return
     with tempfile.TemporaryDirectory() as folder:
         sft = run("sft", config, args.data, Path(folder) / "sft")
         dpo = run("dpo", config, args.data, Path(folder) / "dpo")
@@ -82,6 +106,18 @@ def main() -> None:
     print(describe("DPO, reference log-probs precomputed", dpo_pre))
     print(f"dpo_step_speedup={dpo['runtime_s'] / dpo_pre['runtime_s']:.2f} (steps only, precompute pass left out)")
     print(f"dpo_precompute_speedup={dpo['total_s'] / dpo_pre['total_s']:.2f}")
+
+
+def compare_allocators(args: argparse.Namespace) -> None:
+    results = {}
+    for allocator in ("default", "reuse"):
+        command = [sys.executable, __file__, "--dpo-only", "--allocator", allocator, "--model", args.model,
+                   "--data", args.data, "--max-length", str(args.max_length)]  # fmt: skip
+        finished = subprocess.run(command, capture_output=True, text=True, check=True)
+        results[allocator] = json.loads(finished.stdout.strip().splitlines()[-1])
+        print(describe(f"DPO, glibc allocator settings: {allocator}", results[allocator]), flush=True)
+    speedup = results["default"]["runtime_s"] / results["reuse"]["runtime_s"]
+    print(f"dpo_allocator_speedup={speedup:.2f} (steps only)")
 
 
 if __name__ == "__main__":
