@@ -72,12 +72,17 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _quoted(text: str) -> str:
+    """User text inside an error message, kept on one line: control characters are shown escaped."""
+    return f"'{text}'" if text.isprintable() else repr(text)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`judge.mode=logprob` -> (['judge', 'mode'], 'logprob'); the value is read as YAML (numbers, lists, null)."""
     key, sep, raw_value = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise SelfAlignError(f"override '{text}': expected key=value, e.g. generation.max_new_tokens=64")
+        raise SelfAlignError(f"override {_quoted(text)}: expected key=value, e.g. generation.max_new_tokens=64")
     try:
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError:
@@ -108,13 +113,15 @@ def _child(node: Any, key: str, override: str) -> Any:
     if child is None:
         child = node[key] = {}
     elif not isinstance(child, (dict, list)):
-        raise SelfAlignError(f"override '{override}': '{key}' is a value, not a section")
+        raise SelfAlignError(f"override {_quoted(override)}: {_quoted(key)} is a value, not a section")
     return child
 
 
 def _list_index(node: list, key: str, override: str) -> int:
     if not key.isdigit() or int(key) >= len(node):
-        raise SelfAlignError(f"override '{override}': '{key}' is not an index of a list of {len(node)} items")
+        raise SelfAlignError(
+            f"override {_quoted(override)}: {_quoted(key)} is not an index of a list of {len(node)} items"
+        )
     return int(key)
 
 

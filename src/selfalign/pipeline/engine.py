@@ -194,7 +194,13 @@ def build_manifest(config: RunConfig, plan: list[PlannedStage], state: RunState,
         "seed": config.seed,
         "config": config.model_dump(mode="json"),
         "seconds": round(seconds, 2),
-        "peak_rss_kb": lifetime_peak_kb(),  # the whole process's, model loading included
+        # The whole process's, model loading included. The kernel's high-water mark can miss a peak that memory
+        # handed back with madvise (release_free_memory) brought down again, so the peaks of the stages this
+        # process ran count too.
+        "peak_rss_kb": max(
+            [lifetime_peak_kb()]
+            + [state.records[item.stage.name].get("peak_rss_kb") or 0 for item in plan if item.will_run]
+        ),
         "stages": {
             item.stage.name: {
                 "folder": str(item.folder),
