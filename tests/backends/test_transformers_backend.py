@@ -149,32 +149,3 @@ def test_shared_prefix_gives_the_same_scores_and_completions(wide_window_model):
             completion.text
             == loaded.tokenizer.decode(reference_greedy(loaded, prompt, 10), skip_special_tokens=True).strip()
         )
-
-
-def test_an_adapter_is_merged_for_generation_and_answers_as_the_unmerged_model(tiny_model_dir, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    from selfalign.backends.transformers_backend import create_transformers_backend
-    from selfalign.models.language_model import ModelConfig
-
-    base = load_model(str(tiny_model_dir), dtype="float32")
-    torch.manual_seed(0)
-    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    get_peft_model(base.model, lora).save_pretrained(tmp_path / "adapter")
-
-    merged = create_transformers_backend(
-        ModelConfig(model=str(tiny_model_dir), dtype="float32", adapter=str(tmp_path / "adapter"), batch_size=2)
-    )
-    assert not any("lora" in name for name, _ in merged.model.named_parameters())
-    unmerged = load_model(str(tiny_model_dir), dtype="float32")
-    unmerged.model = PeftModel.from_pretrained(unmerged.model, str(tmp_path / "adapter")).eval()
-    params = GenerationParams(max_new_tokens=8)
-    got = [c.text for c in merged.generate(PROMPTS, params)]
-    expected = [
-        unmerged.tokenizer.decode(reference_greedy(unmerged, p, 8), skip_special_tokens=True).strip() for p in PROMPTS
-    ]
-    assert got == expected
-    plain = TransformersBackend(
-        load_model(str(tiny_model_dir), dtype="float32").model, base.tokenizer, show_progress=False
-    )
-    assert got != [c.text for c in plain.generate(PROMPTS, params)]  # the adapter changes the answers

@@ -314,9 +314,4 @@ def create_transformers_backend(config: Any) -> TransformersBackend:
         from peft import PeftModel
 
         network = PeftModel.from_pretrained(network, config.adapter).eval()
-        if not config.load_in_4bit:
-            # Merged into this process's copy of the weights: the same function at the base model's speed. Kept
-            # apart, LoRA on every linear layer made batched decoding of the embedded model ~5x slower on CPU
-            # (36 against 206 tok/s). 4-bit weights stay unmerged: merging would requantize them.
-            network = network.merge_and_unload()
     return TransformersBackend(network, loaded.tokenizer, batch_size=config.batch_size)
