@@ -109,9 +109,9 @@ def keep_large_blocks_for_reuse() -> None:
     """Let glibc reuse freed blocks of up to 1 GB instead of unmapping and mapping them again at every step.
 
     Training steps over a 262k-entry vocabulary allocate and free tensors of hundreds of MB many times a step; by
-    default glibc maps each afresh, and the page faults cost about a third of a DPO step's time on 2 cores (measured:
-    4 DPO steps on the embedded model took 51.8 s, 33 s of it in the kernel, and 37.8 s with this). Memory a stage
-    frees still goes back to the system between stages (`release_free_memory`).
+    default glibc maps each afresh, and the page faults cost DPO steps 1.21x on 2 cores (`python benchmarks/
+    training.py --compare-allocator`, BENCHMARKS.md). Memory a stage frees still goes back to the system between
+    stages (`release_free_memory`).
     """
     libc = _glibc()
     if libc is not None:
