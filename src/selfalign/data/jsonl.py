@@ -69,7 +69,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             stale.unlink(missing_ok=True)
         descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:  # a read-only or full disk: say which file, not a traceback
-        raise SelfAlignError(f"{path}: cannot write ({exc.strerror or exc}); files written before are kept") from None
+        raise _cannot_write(path, exc) from None
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -79,7 +79,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     except BaseException as exc:
         Path(temporary).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise SelfAlignError(
-                f"{path}: cannot write ({exc.strerror or exc}); files written before are kept"
-            ) from None
+            raise _cannot_write(path, exc) from None
         raise
+
+
+def _cannot_write(path: Path, exc: OSError) -> SelfAlignError:
+    return SelfAlignError(f"{path}: cannot write ({exc.strerror or exc}); files written before are kept")
