@@ -21,6 +21,17 @@ one backend, as replicas of one engine (on one machine they share its cores).
     python benchmarks/generation.py --openai --prompts 8 --max-new-tokens 48 [--concurrency 1 4 8] [--rounds 2]
 
 Last lines: ratio_c<level>_vs_c1=<useful tok/s at that level / at concurrency 1>.
+
+With --adapter [PATH]: the transformers backend generating through a PEFT LoRA adapter (PATH, or a freshly
+initialised r=16 adapter on every projection when no PATH is given), as `selfalign evaluate` runs SFT and DPO
+adapters, against the same backend with its contiguous-rows hook on the output projection removed (baseline, named:
+PyTorch's own `matmul` path, which with the adapter's frozen base weight copies the output weight once per row at
+every prefill). Both sides answer the same prompts in the same batches, greedy; prints tok/s, peak resident memory
+and whether the answers are identical.
+
+    python benchmarks/generation.py --adapter [PATH] --prompts 64 --max-new-tokens 48
+
+Last line: ratio=<tok/s with the hook / tok/s without>.
 """
 
 from __future__ import annotations
@@ -178,6 +189,64 @@ def run_openai(args: argparse.Namespace) -> None:
         print(f"ratio_c{level}_vs_c{reference}={rates[level] / rates[reference]:.2f}")
 
 
+def fresh_adapter(model_ref: str, folder: Path) -> Path:
+    """A LoRA adapter as `selfalign train` starts one (r=16, every projection), saved without training."""
+    from peft import LoraConfig, get_peft_model
+
+    loaded = load_model(model_ref)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    get_peft_model(loaded.model, LoraConfig(r=16, lora_alpha=16, target_modules=projections)).save_pretrained(folder)
+    return folder
+
+
+def run_adapter(args: argparse.Namespace) -> None:
+    """Adapter generation with and without the contiguous-rows hook, in the same run."""
+    import threading
+
+    from selfalign.backends import transformers_backend
+    from selfalign.models.language_model import ModelConfig
+    from selfalign.pipeline.memory import rss_kb
+
+    with tempfile.TemporaryDirectory() as scratch:
+        adapter = Path(args.adapter) if args.adapter != "fresh" else fresh_adapter(args.model, Path(scratch))
+        backend = transformers_backend.create_transformers_backend(
+            ModelConfig(model=args.model, adapter=str(adapter), batch_size=args.batch_size)
+        )
+    backend.show_progress = False
+    prompt_format = get_prompt_format(backend.tokenizer)
+    prompts = [prompt_format.render_prompt(p) for p in benchmark_prompts(args.prompts)]
+    params = GenerationParams(max_new_tokens=args.max_new_tokens, stop=list(prompt_format.stop))
+    print(f"model={args.model} adapter={args.adapter} prompts={len(prompts)} batch_size={args.batch_size} "
+          f"max_new_tokens={params.max_new_tokens} dtype={next(backend.model.parameters()).dtype}")  # fmt: skip
+    backend.generate(prompts[:2], params.model_copy(update={"max_new_tokens": 4}))  # warm-up
+
+    def measured(label: str) -> tuple[float, list[str]]:
+        peak, done = [rss_kb()], threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.1):
+                peak[0] = max(peak[0], rss_kb())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        started = time.perf_counter()
+        completions = backend.generate(prompts, params)
+        seconds = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        tokens = sum(c.completion_tokens for c in completions)
+        print(f"{label}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tok/s, "
+              f"peak resident memory {peak[0] / 1e6:.2f} GB")  # fmt: skip
+        return tokens / seconds, [c.text for c in completions]
+
+    ours, our_texts = measured("selfalign backend (contiguous rows into the output projection)")
+    getattr(backend.model.get_output_embeddings(), transformers_backend.CONTIGUOUS_ROWS_HOOK).remove()
+    baseline, baseline_texts = measured("baseline (hook removed: PyTorch's matmul on the frozen output weight)")
+    same = sum(a == b for a, b in zip(our_texts, baseline_texts))
+    print(f"identical answers: {same}/{len(prompts)}")
+    print(f"ratio={ours / baseline:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:gemma-3-270m")
@@ -189,7 +258,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="With --openai: runs of every level, interleaved.")
     parser.add_argument("--servers", type=int, default=1, help="With --openai: server replicas.")
     parser.add_argument("--server-threads", type=int, help="With --openai: --n_threads of each server.")
+    parser.add_argument("--adapter", nargs="?", const="fresh", help="Adapter generation, with and without the hook.")
     args = parser.parse_args()
+    if args.adapter:
+        run_adapter(args)
+        return
     if args.openai:
         # SIGTERM (`timeout`, a CI limit) must unwind too, so that the servers this run started are stopped.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

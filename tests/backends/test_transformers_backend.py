@@ -118,6 +118,27 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(loaded
     assert 0 < stopped < len(PROMPTS)
 
 
+def test_a_frozen_output_projection_is_fed_contiguous_rows(tiny_model_dir):
+    """Under a PEFT adapter the output weight is frozen, and PyTorch's matmul then copies it once per row for a
+    non-contiguous input (the last-position slice transformers takes): 6x slower generation, 12 GB in the demo."""
+    from peft import LoraConfig, get_peft_model
+
+    loaded = load_model(str(tiny_model_dir), dtype="float32")
+    greedy_before = TransformersBackend(loaded.model, loaded.tokenizer, show_progress=False).generate(
+        PROMPTS, GenerationParams(max_new_tokens=3)
+    )
+    adapted = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    backend = TransformersBackend(adapted, loaded.tokenizer, batch_size=len(PROMPTS), show_progress=False)
+    projection = adapted.get_output_embeddings()
+    assert not projection.weight.requires_grad
+    seen = []
+    projection.register_forward_pre_hook(lambda _module, args: seen.append(args[0].is_contiguous()))
+    completions = backend.generate(PROMPTS, GenerationParams(max_new_tokens=3))
+    assert seen and all(seen)
+    # A fresh LoRA adds zero, so the copy changes no answer.
+    assert [c.text for c in completions] == [c.text for c in greedy_before]
+
+
 @pytest.fixture(scope="module")
 def wide_window_model(tmp_path_factory):
     """Like the tiny model, but every prompt fits in its attention window, so shared prefixes are used."""
