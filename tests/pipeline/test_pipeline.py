@@ -63,6 +63,22 @@ def test_changing_one_training_setting_reruns_only_training_evaluation_and_repor
     assert ran == ["sft", "dpo", "evaluate", "report"]
 
 
+def test_a_setting_of_one_training_method_leaves_the_other_cached(tmp_path, ran):
+    run_pipeline(demo(tmp_path))
+    ran.clear()
+    run_pipeline(demo(tmp_path, "training.settings.dpo.learning_rate=2e-4"))
+    assert ran == ["dpo", "evaluate", "report"]
+    ran.clear()
+    run_pipeline(demo(tmp_path, "training.settings.dpo.learning_rate=2e-4", "training.settings.sft.learning_rate=1e-4"))
+    assert ran == ["sft", "dpo", "evaluate", "report"]  # this DPO starts from the SFT adapter
+    ran.clear()
+    run_pipeline(demo(tmp_path, "training.dpo_from_sft=false", "training.settings.sft.learning_rate=1e-3"))
+    assert ran == ["sft", "dpo", "evaluate", "report"]
+    ran.clear()
+    run_pipeline(demo(tmp_path, "training.dpo_from_sft=false", "training.settings.sft.learning_rate=3e-3"))
+    assert ran == ["sft", "evaluate", "report"]  # a DPO from the base model does not see SFT settings
+
+
 def test_dry_run_prints_the_plan_without_running(tmp_path, ran):
     run_pipeline(demo(tmp_path))
     ran.clear()

@@ -57,14 +57,13 @@ def plan_stages(config: RunConfig) -> list[Stage]:
             )
         )
 
-        training = _training_settings(config)
         if round_number == 1 and config.training.sft:
             stages.append(
                 Stage(
                     "sft",
                     "sft",
                     ["preferences"],
-                    {"preset": config.training.preset, "training": training, "stage": "sft"},
+                    {"preset": config.training.preset, "training": _training_key(config, "sft"), "stage": "sft"},
                     _training_body(config, "sft", "preferences", None),
                     count_training_tokens,
                 )
@@ -79,7 +78,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     name,
                     "dpo",
                     inputs,
-                    {"preset": config.training.preset, "training": training, "stage": "dpo"},
+                    {"preset": config.training.preset, "training": _training_key(config, "dpo"), "stage": "dpo"},
                     _training_body(config, "dpo", f"preferences{suffix}", start_from),
                     count_training_tokens,
                 )
@@ -159,6 +158,14 @@ def _training_settings(config: RunConfig) -> dict[str, Any]:
         "system_prompt": config.model.system_prompt,
         "seed": config.seed,
     }
+
+
+def _training_key(config: RunConfig, kind: str) -> dict[str, Any]:
+    """The settings a training stage's key covers: all but the other method's section (`sft:` or `dpo:`), so that a
+    DPO learning rate leaves the SFT adapter cached. SFT settings still reach a DPO that starts from the SFT adapter,
+    through that adapter's hash among its inputs."""
+    other = "dpo" if kind == "sft" else "sft"
+    return {key: value for key, value in _training_settings(config).items() if key != other}
 
 
 def _training_body(config: RunConfig, kind: str, data_stage: str, start_from: str | None):
