@@ -295,7 +295,7 @@ def _feed_output_projection_contiguous_rows(model: Any) -> None:
     `torch.matmul` folds the batch into one `mm` only when the weight requires grad; with a frozen weight, as under
     every PEFT adapter, it expands the weight once per row and copies it for a `bmm`. With Gemma 3's 262k-token
     vocabulary that is a 16 x 640 x 262144 copy at every prefill: 16 s and 5 GB for 16 rows where the `mm` takes
-    0.06 s, which made adapters generate 8x slower than their base model. Copying the kept rows is a few kB.
+    0.06 s, which made adapters generate 6x slower (`benchmarks/generation.py --adapter`). The copy is a few kB.
     """
     projection = model.get_output_embeddings()
     if projection is None or hasattr(projection, CONTIGUOUS_ROWS_HOOK):
