@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from selfalign.errors import SelfAlignError
@@ -48,8 +51,15 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 @functools.lru_cache(maxsize=256)
 def compile_template(source: str, origin: str = "template") -> jinja2.Template:
-    try:
+    with _parse_errors(origin):
         return _environment().from_string(source)
+
+
+@contextlib.contextmanager
+def _parse_errors(origin: str) -> Iterator[None]:
+    """Errors of parsing a template, compiled or only inspected, as one line naming `origin`."""
+    try:
+        yield
     except jinja2.TemplateSyntaxError as exc:
         raise SelfAlignError(f"{origin}: template syntax error on line {exc.lineno}: {exc.message}") from None
     except RecursionError:
@@ -85,13 +95,19 @@ def read_template_file(path: Path) -> str:
         raise SelfAlignError(f"{path}: cannot read ({exc.strerror})") from None
 
 
+def parse_template_yaml(text: str, source: str) -> Any:
+    """A template file's YAML; invalid or too deeply nested YAML is a one-line error naming `source`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SelfAlignError(f"{source}: invalid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise SelfAlignError(f"{source}: invalid YAML (nested too deeply)") from None
+
+
 def template_variables(source: str, origin: str = "template") -> set[str]:
     """Names a template reads from its context, to check required placeholders before rendering anything."""
     from jinja2 import meta
 
-    try:
+    with _parse_errors(origin):
         return set(meta.find_undeclared_variables(_environment().parse(source)))
-    except jinja2.TemplateSyntaxError as exc:
-        raise SelfAlignError(f"{origin}: template syntax error on line {exc.lineno}: {exc.message}") from None
-    except RecursionError:
-        raise SelfAlignError(f"{origin}: template nests too deeply to compile") from None

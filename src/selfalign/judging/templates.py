@@ -13,12 +13,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationError
 
 from selfalign.config import StrictModel, format_validation_error
 from selfalign.errors import SelfAlignError
-from selfalign.templating import read_template_file, render_template, template_variables
+from selfalign.templating import parse_template_yaml, read_template_file, render_template, template_variables
 
 REQUIRED_PLACEHOLDERS = ("request", "response")
 JudgeMode = Literal["generate", "logprob"]
@@ -74,12 +73,7 @@ def load_template(name_or_path: str) -> JudgeTemplate:
             f"unknown judge template '{name_or_path}'; built-in: {', '.join(builtin_template_names())}, "
             "or a path to a .yaml file"
         )
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SelfAlignError(f"{source}: invalid YAML ({' '.join(str(exc).split())})") from None
-    except RecursionError:
-        raise SelfAlignError(f"{source}: invalid YAML (nested too deeply)") from None
+    data = parse_template_yaml(text, source)
     if not isinstance(data, dict):
         raise SelfAlignError(f"{source}: a judge template is a mapping with at least a 'prompt'")
     try:

@@ -15,12 +15,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError
 
 from selfalign.config import StrictModel, format_validation_error
 from selfalign.errors import SelfAlignError
-from selfalign.templating import read_template_file, render_template, template_variables
+from selfalign.templating import parse_template_yaml, read_template_file, render_template, template_variables
 
 
 class Step(StrictModel):
@@ -93,12 +92,7 @@ def _read(name_or_path: str, shipped: Any, names: list[str], kind: str) -> tuple
         source, name = f"{kind} '{name_or_path}'", name_or_path
     else:
         raise SelfAlignError(f"unknown {kind} '{name_or_path}'; shipped: {', '.join(names)}, or a path to a .yaml file")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SelfAlignError(f"{source}: invalid YAML ({' '.join(str(exc).split())})") from None
-    except RecursionError:
-        raise SelfAlignError(f"{source}: invalid YAML (nested too deeply)") from None
+    data = parse_template_yaml(text, source)
     if not isinstance(data, dict):
         raise SelfAlignError(f"{source}: expected a mapping at the top level")
     return data, text, source, name
