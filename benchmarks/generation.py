@@ -201,11 +201,10 @@ def fresh_adapter(model_ref: str, folder: Path) -> Path:
 
 def run_adapter(args: argparse.Namespace) -> None:
     """Adapter generation with and without the contiguous-rows hook, in the same run."""
-    import threading
-
     from selfalign.backends import transformers_backend
     from selfalign.models.language_model import ModelConfig
-    from selfalign.pipeline.memory import rss_kb
+    from selfalign.pipeline.engine import format_gb
+    from selfalign.pipeline.memory import measure_peak_memory
 
     with tempfile.TemporaryDirectory() as scratch:
         adapter = Path(args.adapter) if args.adapter != "fresh" else fresh_adapter(args.model, Path(scratch))
@@ -221,22 +220,13 @@ def run_adapter(args: argparse.Namespace) -> None:
     backend.generate(prompts[:2], params.model_copy(update={"max_new_tokens": 4}))  # warm-up
 
     def measured(label: str) -> tuple[float, list[str]]:
-        peak, done = [rss_kb()], threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.1):
-                peak[0] = max(peak[0], rss_kb())
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
         started = time.perf_counter()
-        completions = backend.generate(prompts, params)
+        with measure_peak_memory() as memory:
+            completions = backend.generate(prompts, params)
         seconds = time.perf_counter() - started
-        done.set()
-        sampler.join()
         tokens = sum(c.completion_tokens for c in completions)
         print(f"{label}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tok/s, "
-              f"peak resident memory {peak[0] / 1e6:.2f} GB")  # fmt: skip
+              f"peak resident memory {format_gb(memory.record['peak_rss_kb'])}")  # fmt: skip
         return tokens / seconds, [c.text for c in completions]
 
     ours, our_texts = measured("selfalign backend (contiguous rows into the output projection)")

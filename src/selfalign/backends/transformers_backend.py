@@ -294,8 +294,8 @@ def _feed_output_projection_contiguous_rows(model: Any) -> None:
     Transformers slices `hidden_states[:, -k:, :]` before the output projection. For that non-contiguous 3-D input
     `torch.matmul` folds the batch into one `mm` only when the weight requires grad; with a frozen weight, as under
     every PEFT adapter, it expands the weight once per row and copies it for a `bmm`. With Gemma 3's 262k-token
-    vocabulary that is a 16 x 640 x 262144 copy at every prefill: 16 s and 5 GB for 16 rows where the `mm` takes
-    0.06 s, which made adapters generate 6x slower (`benchmarks/generation.py --adapter`). The copy is a few kB.
+    vocabulary that is a rows x 640 x 262144 copy at every prefill (5.4 GB in bf16 for 16 rows), which made adapters
+    generate 6-7x slower (`benchmarks/generation.py --adapter`). The contiguous copy of the kept rows is a few kB.
     """
     projection = model.get_output_embeddings()
     if projection is None or hasattr(projection, CONTIGUOUS_ROWS_HOOK):
