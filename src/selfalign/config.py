@@ -6,12 +6,12 @@ errors that name the key and the file, because a mistyped option silently ignore
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from selfalign.errors import SelfAlignError
 
@@ -22,6 +22,21 @@ class StrictModel(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated on assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def loaded_by(loader: Callable[[str], object]) -> AfterValidator:
+    """For a field that names a template (shipped, or a .yaml file): load it when the config loads, so a misspelt
+    name or a broken file stops the command, `--dry-run` included, before any stage runs rather than when a stage
+    first reads it. Defaults are shipped templates and are not re-checked."""
+
+    def check(name: str) -> str:
+        try:
+            loader(name)
+        except SelfAlignError as exc:
+            raise ValueError(str(exc)) from None
+        return name
+
+    return AfterValidator(check)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -122,6 +123,51 @@ def test_config_errors_come_before_any_stage(tmp_path, ran):
         run_pipeline(demo(tmp_path, "training.settings.max_stepz=3"))
     with pytest.raises(SelfAlignError, match="no column"):
         run_pipeline(demo(tmp_path, "preferences.prompts.0.prompt_column=text"))
+    assert ran == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("judge.template=one-shoot", "invalid value for 'judge.template': unknown judge template 'one-shoot'"),
+        ("tune_judge.ensemble=[one-shot, complys]", "unknown judge template 'complys'"),
+        ("preferences.revision.strategy=refuse", "unknown revision strategy 'refuse'"),
+        ("preferences.refusal_template=missing.yaml", "missing.yaml: refusal template file not found"),
+        ("evaluation.pairwise_template=missing.yaml", "missing.yaml: pairwise template file not found"),
+    ],
+)
+def test_a_template_that_does_not_load_is_a_config_error(tmp_path, ran, override, message):
+    with pytest.raises(SelfAlignError, match=re.escape(message)):
+        run_pipeline(demo(tmp_path, override))
+    assert ran == []
+
+
+def test_a_broken_template_file_stops_the_run_command_before_any_stage(tmp_path, ran, monkeypatch, capsys):
+    """`key=value` whose value is a .yaml file is a setting, not the run config's path."""
+    from selfalign.cli.main import main
+
+    broken = tmp_path / "my-judge.yaml"
+    broken.write_text('prompt: "{{ request "\n')
+    monkeypatch.setattr(sys, "argv", ["selfalign", "run", f"judge.template={broken}", f"out={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"invalid value for 'judge.template': {broken}: template syntax error on line 1" in error
+    assert ran == []
+
+
+def test_a_run_config_whose_path_holds_an_equals_sign_is_read_as_the_config(tmp_path, ran, monkeypatch):
+    from selfalign.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    config = Path("lr=2e-4") / "run.yaml"  # relative: it starts like a setting `lr=...`, but it is a file
+    config.parent.mkdir()
+    config.write_text(f"out: {tmp_path / 'run'}\nrounds: 1\n")
+    monkeypatch.setattr(sys, "argv", ["selfalign", "run", str(config), "--dry-run"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert not exit_info.value.code and (tmp_path / "run").exists() is False  # planned, nothing run
     assert ran == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -114,6 +115,12 @@ def generate(
     typer.echo(summary)
 
 
+def _is_override(argument: str) -> bool:
+    """`judge.template=my-judge.yaml` is a setting, `runs/a=b/run.yaml` a config file: a setting starts with a
+    dotted key and `=`, and is not a file that exists."""
+    return re.match(r"[A-Za-z_][\w.]*=", argument) is not None and not Path(argument).is_file()
+
+
 @app.command("run")
 def run_command(
     config: Annotated[
@@ -131,7 +138,7 @@ def run_command(
     from selfalign.pipeline.config import load_run_config
     from selfalign.pipeline.engine import print_plan
 
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+    if config is not None and _is_override(config):
         overrides, config = [config, *(overrides or [])], None
     run_config = load_run_config(config, overrides)
     plan, manifest = run_pipeline(run_config, from_stage=from_stage, only=only, dry_run=dry_run)

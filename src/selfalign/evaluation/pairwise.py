@@ -11,12 +11,13 @@ import functools
 import math
 from collections.abc import Sequence
 from importlib import resources
+from pathlib import Path
+from typing import Annotated
 
-import yaml
-
+from selfalign.config import loaded_by
 from selfalign.errors import SelfAlignError
 from selfalign.models.language_model import LanguageModel
-from selfalign.templating import render_template, template_variables
+from selfalign.templating import parse_template_yaml, read_template_file, render_template, template_variables
 
 REQUIRED = ("request", "answer_a", "answer_b")
 
@@ -24,20 +25,26 @@ REQUIRED = ("request", "answer_a", "answer_b")
 @functools.lru_cache(maxsize=8)
 def load_pairwise_template(name_or_path: str = "pairwise") -> dict:
     if name_or_path.endswith((".yaml", ".yml")):
-        with open(name_or_path, encoding="utf-8") as handle:
-            spec, source = yaml.safe_load(handle), name_or_path
+        path, source = Path(name_or_path), name_or_path
+        if not path.is_file():
+            raise SelfAlignError(f"{path}: pairwise template file not found")
+        spec = parse_template_yaml(read_template_file(path), source)
     else:
         folder = resources.files("selfalign.evaluation").joinpath("templates")
-        path = folder.joinpath(f"{name_or_path}.yaml")
-        if not path.is_file():
+        shipped = folder.joinpath(f"{name_or_path}.yaml")
+        if not shipped.is_file():
             raise SelfAlignError(f"unknown pairwise template '{name_or_path}'")
-        spec, source = yaml.safe_load(path.read_text(encoding="utf-8")), f"pairwise template '{name_or_path}'"
+        source = f"pairwise template '{name_or_path}'"
+        spec = parse_template_yaml(shipped.read_text(encoding="utf-8"), source)
     if not isinstance(spec, dict) or not isinstance(spec.get("prompt"), str) or len(spec.get("labels", [])) != 2:
         raise SelfAlignError(f"{source}: needs a 'prompt' string and two 'labels'")
     missing = [name for name in REQUIRED if name not in template_variables(spec["prompt"], source)]
     if missing:
         raise SelfAlignError(f"{source}: the prompt never uses {', '.join(missing)}")
     return {**spec, "source": source}
+
+
+PairwiseTemplateName = Annotated[str, loaded_by(load_pairwise_template)]
 
 
 def compare_answers(

@@ -26,9 +26,10 @@ from selfalign.data.loading import load_rows
 from selfalign.data.resumable import ResumableJsonl, process_resumably
 from selfalign.errors import SelfAlignError
 from selfalign.evaluation.metrics import compute_metrics
-from selfalign.evaluation.pairwise import compare_answers
+from selfalign.evaluation.pairwise import PairwiseTemplateName, compare_answers
 from selfalign.judging.judge import JudgeConfig, build_judge
 from selfalign.judging.refusal import RefusalDetector
+from selfalign.judging.templates import JudgeTemplateName
 from selfalign.models.language_model import LanguageModel, ModelConfig, load_language_model
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,10 @@ class EvaluateConfig(StrictModel):
     limit: int | None = Field(None, ge=1, description="At most this many prompts per set.")
     generation: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=128))
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="How harmfulness is judged.")
-    refusal_judge_template: str = Field("complies", description="Template whose 0 verdict means 'did not comply'.")
-    pairwise_template: str = Field("pairwise", description="Pairwise helpfulness template.")
+    refusal_judge_template: JudgeTemplateName = Field(
+        "complies", description="Template whose 0 verdict means 'did not comply'."
+    )
+    pairwise_template: PairwiseTemplateName = Field("pairwise", description="Pairwise helpfulness template.")
     external_judge: JudgeConfig | None = Field(None, description="A second judge (its own model) for agreement.")
     bootstrap_samples: int = Field(1000, ge=100)
     seed: int = 0

@@ -25,7 +25,7 @@ from selfalign.backends.base import GenerationParams
 from selfalign.config import StrictModel
 from selfalign.errors import SelfAlignError
 from selfalign.judging.parsing import parse_verdict
-from selfalign.judging.templates import JudgeMode, JudgeTemplate, load_template
+from selfalign.judging.templates import JudgeMode, JudgeTemplate, JudgeTemplateName, load_template
 from selfalign.models.language_model import LanguageModel, ModelConfig
 
 Source = Literal["harmful", "benign"]  # where a prompt came from: a red-team set, or a benign/helpful set
@@ -36,9 +36,9 @@ class JudgeConfig(StrictModel):
     """How answers are judged. tune-judge writes one of these for the pipeline to use."""
 
     design: Literal["single", "ensemble", "composite"] = Field("single", description="Which judge design.")
-    template: str = Field("one-shot", description="Template name or .yaml path (single and composite).")
+    template: JudgeTemplateName = Field("one-shot", description="Template name or .yaml path (single and composite).")
     mode: JudgeMode = Field("logprob", description="single: generate a verdict, or read label log-probabilities.")
-    templates: list[str] = Field(
+    templates: list[JudgeTemplateName] = Field(
         default_factory=lambda: ["one-shot", "four-shot", "complies"], description="ensemble: templates averaged."
     )
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="P(harmful) at or above which the label is 1.")

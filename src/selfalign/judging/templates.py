@@ -11,11 +11,11 @@ from __future__ import annotations
 import functools
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError
 
-from selfalign.config import StrictModel, format_validation_error
+from selfalign.config import StrictModel, format_validation_error, loaded_by
 from selfalign.errors import SelfAlignError
 from selfalign.templating import parse_template_yaml, read_template_file, render_template, template_variables
 
@@ -89,3 +89,6 @@ def load_template(name_or_path: str) -> JudgeTemplate:
     if template.reasoning == "before" and "logprob" in template.modes:
         raise SelfAlignError(f"{source}: a reason-before-answer template cannot be used in logprob mode")
     return template
+
+
+JudgeTemplateName = Annotated[str, loaded_by(load_template)]

@@ -23,7 +23,7 @@ from selfalign.errors import SelfAlignError
 from selfalign.judging.judge import JudgeConfig, Judgment, TemplateJudge, combine_composite, composite_features
 from selfalign.judging.metrics import best_threshold, binary_metrics
 from selfalign.judging.refusal import RefusalDetector
-from selfalign.judging.templates import JudgeMode, builtin_template_names, load_template
+from selfalign.judging.templates import JudgeMode, JudgeTemplateName, builtin_template_names, load_template
 from selfalign.models.language_model import LanguageModel, ModelConfig, load_language_model
 
 logger = logging.getLogger(__name__)
@@ -34,9 +34,11 @@ class TuneJudgeConfig(StrictModel):
     labeled: str = Field("builtin:judge-labeled", description="Labeled data: prompt, response, label (0/1).")
     dev_split: str = Field("dev", description="Split for thresholds and for choosing the design.")
     test_split: str = Field("test", description="Split every reported number comes from.")
-    templates: list[str] = Field(default_factory=builtin_template_names, description="Templates to compare.")
+    templates: list[JudgeTemplateName] = Field(
+        default_factory=builtin_template_names, description="Templates to compare."
+    )
     modes: list[JudgeMode] = Field(default_factory=lambda: ["generate", "logprob"])
-    ensemble: list[str] = Field(
+    ensemble: list[JudgeTemplateName] = Field(
         default_factory=lambda: ["one-shot", "four-shot", "complies"], description="Templates averaged (logprob)."
     )
     composite: bool = Field(True, description="Also fit the composite judge (self-judge + refusal + source).")

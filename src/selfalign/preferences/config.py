@@ -16,6 +16,7 @@ from selfalign.config import StrictModel, load_config
 from selfalign.errors import SelfAlignError
 from selfalign.judging.judge import JudgeConfig
 from selfalign.models.language_model import ModelConfig
+from selfalign.preferences.templates import ConstitutionName, RefusalTemplateName, RevisionTemplateName
 
 Source = Literal["harmful", "benign"]
 CATEGORY_COLUMNS = ("category", "type", "domain")  # red-team, benign-sensitive and helpful sets name it differently
@@ -36,11 +37,13 @@ class PromptSet(StrictModel):
 
 
 class RevisionConfig(StrictModel):
-    strategy: str = Field(
+    strategy: RevisionTemplateName = Field(
         "refuse-and-explain", description="refuse-and-explain, critique-then-revise, or a revision template .yaml."
     )
     n_attempts: int = Field(2, ge=1, description="Revisions tried per harmful answer until one is judged harmless.")
-    constitution: str = Field("constitution", description="Principles for critique-then-revise: shipped or a .yaml.")
+    constitution: ConstitutionName = Field(
+        "constitution", description="Principles for critique-then-revise: shipped or a .yaml."
+    )
     generation: GenerationParams = Field(
         default_factory=lambda: GenerationParams(max_new_tokens=128, temperature=0.7, top_p=0.9),
         description="Sampling, so that a second attempt differs from the first; attempt k uses seed + k.",
@@ -71,7 +74,9 @@ class PreferencesConfig(StrictModel):
         description="Answers and helpful-mix refusals; greedy by default, the model's own unaligned behaviour.",
     )
     revision: RevisionConfig = Field(default_factory=RevisionConfig)
-    refusal_template: str = Field("refuse", description="Writes the rejected refusals of helpful pairs.")
+    refusal_template: RefusalTemplateName = Field(
+        "refuse", description="Writes the rejected refusals of helpful pairs."
+    )
     helpful_mix: float = Field(0.5, ge=0.0, lt=1.0, description="Share of helpful pairs among the pairs kept.")
     seed: int = Field(0, ge=0, description="Seeds the prompt sample, sampling, principles, the mix and the split.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of each pair type held out as eval.")

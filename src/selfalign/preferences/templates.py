@@ -13,11 +13,11 @@ import functools
 import hashlib
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, ValidationError
 
-from selfalign.config import StrictModel, format_validation_error
+from selfalign.config import StrictModel, format_validation_error, loaded_by
 from selfalign.errors import SelfAlignError
 from selfalign.templating import parse_template_yaml, read_template_file, render_template, template_variables
 
@@ -146,6 +146,11 @@ def load_constitution(name_or_path: str) -> Constitution:
     if len(set(names)) != len(names):
         raise SelfAlignError(f"{source}: principle names must be unique")
     return constitution
+
+
+RevisionTemplateName = Annotated[str, loaded_by(load_revision_template)]
+RefusalTemplateName = Annotated[str, loaded_by(load_refusal_template)]
+ConstitutionName = Annotated[str, loaded_by(load_constitution)]
 
 
 def render_step(step: Step, source: str, **variables: Any) -> str:
