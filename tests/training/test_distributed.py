@@ -2,20 +2,15 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from selfalign.backends.llama_server import free_port
+
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "cpu-2proc.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch(*args: str) -> None:
@@ -41,3 +36,16 @@ def test_two_processes_train_sft_then_dpo_data_parallel(tiny_model_dir, pairs_fi
         assert (folder / "adapter_model.safetensors").is_file()
     assert metrics["reference_model"] == "frozen copy of the SFT adapter (PEFT adapter 'ref')"
     assert metrics["train"]["per_step"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_the_cli_destroys_an_initialized_process_group_at_exit():
+    """Each process `accelerate launch` starts must destroy its process group before exiting (pytorch#179291)."""
+    import torch.distributed as dist
+
+    from selfalign.cli.main import _destroy_process_group
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert dist.is_initialized()
+    _destroy_process_group()
+    assert not dist.is_initialized()
+    _destroy_process_group()  # nothing to destroy: no error

@@ -241,3 +241,15 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; finished work is kept and a rerun resumes from it", err=True)
         sys.exit(130)
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """A process that `accelerate launch` started destroys its process group before it exits, as PyTorch asks:
+    otherwise gloo's worker threads can abort the interpreter's teardown after training has finished (SIGABRT,
+    "terminate called without an active exception"; pytorch/pytorch#179291). Once per process, not per trainer,
+    since `selfalign run` trains SFT and then DPO in one process group."""
+    distributed = sys.modules.get("torch.distributed")  # never imports torch for a command that did not
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
