@@ -102,3 +102,25 @@ def test_mismatched_lengths_are_an_error(model):
 def test_template_mode_mismatch_is_an_error(model):
     with pytest.raises(SelfAlignError, match="supports modes"):
         build_judge(JudgeConfig(template="reason-first", mode="logprob"), model)
+
+
+def test_a_judge_file_resolves_its_weights_beside_it_and_fails_without_them(tmp_path):
+    from selfalign.judging.judge import load_judge_file
+
+    folder = tmp_path / "tune-judge"
+    folder.mkdir()
+    (folder / "judge.yaml").write_text("design: probe\ntemplate: one-shot\nweights: probe.json\n")
+    with pytest.raises(SelfAlignError, match=r"judge.yaml: weights: .*tune-judge/probe.json not found"):
+        load_judge_file(folder / "judge.yaml")
+    (folder / "probe.json").write_text("{}")
+    assert load_judge_file(folder / "judge.yaml").weights == str((folder / "probe.json").resolve())
+    (folder / "plain.yaml").write_text("design: single\ntemplate: one-shot\nmode: logprob\n")
+    assert load_judge_file(folder / "plain.yaml").weights is None
+
+
+def test_the_rule_design_judges_without_a_model():
+    judge = build_judge(JudgeConfig(design="rule"), model=None)
+    judgments = judge.judge(["a", "b", "c"], ["Here is how.", "I can't help with that.", "Here is how."],
+                            ["harmful", "harmful", "benign"])  # fmt: skip
+    assert [j.label for j in judgments] == [1, 0, 0]
+    assert JudgeConfig(design="rule").describe() == "no-model-rule"

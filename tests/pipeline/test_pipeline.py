@@ -182,3 +182,37 @@ def test_the_run_command_prints_peak_memory_per_stage(tmp_path, ran, monkeypatch
     assert not exit_info.value.code
     assert "peak RSS" in printed and "peak resident memory of this run:" in printed
     assert re.search(r"preferences .*yes .* \d+\.\d\d GB", printed)
+
+
+def test_a_failed_stage_is_recorded_in_run_json_and_what_finished_stays_cached(tmp_path, ran, monkeypatch):
+    def failing_body(config, preferences, stage):
+        def body(inputs, folder):
+            raise SelfAlignError("preferences: 0 of 8 red-team answers judged harmful by one-shot/logprob; no pairs")
+
+        return body
+
+    monkeypatch.setattr(stages_module, "_preferences_body", failing_body)
+    with pytest.raises(SelfAlignError, match="0 of 8 red-team answers"):
+        run_pipeline(demo(tmp_path))
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["status"] == "failed"
+    assert manifest["failed_stage"] == "preferences"
+    assert manifest["error"].startswith("preferences: 0 of 8 red-team answers judged harmful")
+    assert manifest["stages"]["tune-judge"]["ran"] is True and "output_hash" in manifest["stages"]["tune-judge"]
+    assert "output_hash" not in manifest["stages"]["preferences"]
+
+
+def test_use_tuned_judge_false_measures_the_judges_but_judges_with_the_configured_one(tmp_path, ran):
+    plan, _ = run_pipeline(demo(tmp_path, "use_tuned_judge=false", "judge.design=rule"), dry_run=True)
+    by_name = {item.stage.name: item.stage for item in plan}
+    assert "tune-judge" in by_name
+    assert "tune-judge" not in by_name["preferences"].inputs and "tune-judge" not in by_name["evaluate"].inputs
+    assert by_name["preferences"].settings["judge"]["design"] == "rule"
+
+
+def test_a_trained_judge_without_its_weights_fails_when_the_config_loads(tmp_path, ran):
+    with pytest.raises(SelfAlignError, match=r"judge.weights: .*missing.json not found \(the probe judge's weights\)"):
+        demo(tmp_path, "judge.design=probe", f"judge.weights={tmp_path / 'missing.json'}")
+    with pytest.raises(SelfAlignError, match="weights: a probe judge needs the file or folder of its trained weights"):
+        demo(tmp_path, "judge.design=probe")
+    assert ran == []

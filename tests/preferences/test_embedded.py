@@ -13,7 +13,7 @@ def test_embedded_model_yields_refusal_and_helpful_pairs(tmp_path):
     (tmp_path / "c.yaml").write_text(
         """\
 policy: {model: "embedded:gemma-3-270m", prompt_format: plain}
-judge: {design: composite, template: one-shot}
+judge: {design: rule}
 prompts:
   - {data: "builtin:redteam:train", source: harmful, limit: 6}
   - {data: "builtin:benign-sensitive:train", source: benign, limit: 3}
@@ -29,8 +29,9 @@ chunk_size: 16
     assert steps["prompts"] == (6, 6)
     judged = [steps[f"judged {k}"] for k in ("harmful", "harmless")] + [steps["judge abstained"]]
     assert tuple(map(sum, zip(*judged))) == steps["answered (non-empty)"]
-    # measured: the base model complies with red-team prompts, the composite judge flags those answers, and
-    # revisions started with a refusal pass; its benign answers are judged harmless
+    # The judge is pinned to the no-model rule, so these hold on any machine: the base model barely ever refuses
+    # (NOTES: 2 of 30), so its red-team answers are flagged; a revision starts with the strategy's refusal prefix, which
+    # the rule accepts; benign answers are harmless by the rule. A judge fitted or run on the model is tested elsewhere.
     assert funnel["kept"]["refusal"] >= 1 and funnel["kept"]["helpful"] >= 1, steps
     rows = [json.loads(line) for name in ("train.jsonl", "eval.jsonl") for line in (dataset / name).open()]
     assert all(row["chosen"].strip() and row["rejected"].strip() and row["chosen"] != row["rejected"] for row in rows)

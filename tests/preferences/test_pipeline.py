@@ -22,6 +22,8 @@ def test_funnel_numbers_on_the_hand_made_scenario(scenario, tmp_path):
         "judge abstained": (1, 1),  # r4 | b3
         "revised (red-team answers judged harmful)": (3, None),
         "revision accepted (judged harmless)": (2, None),  # r1 at attempt 1, r2 at attempt 2
+        # the forced refusal prefix makes every usable revision a refusal, r3's included: the judge is what decides
+        "revision a refusal (what the refusal detector alone would accept)": (3, None),
         "no revision accepted": (1, None),  # r3: the judge abstained on both revisions
         "judged harmless but a refusal (over-refusal)": (None, 1),  # b4
         "helpful candidates (judged harmless, not a refusal)": (None, 2),  # b1 b5
@@ -120,7 +122,12 @@ def test_helpful_mix_sets_the_share_of_helpful_pairs(tmp_path):
         kept[mix] = (funnel["kept"]["refusal"], funnel["kept"]["helpful"], steps["pairs after cleaning"][1])
     # 2 refusal pairs; helpful pairs wanted = round(2 * mix / (1 - mix)), at most the 6 available
     assert kept == {0.0: (2, 0, 6), 0.2: (2, 0, 6), 0.5: (2, 2, 6), 0.75: (2, 6, 6), 0.9: (2, 6, 6)}
-    assert "Fewer helpful pairs survived than the mix asks for" in (dataset / "README.md").read_text()
+    assert funnel["helpful_mix"] == {"asked": 0.9, "wanted": 18, "kept": 6, "share": 0.75, "shortfall": True,
+                                     "note": funnel["helpful_mix"]["note"]}  # fmt: skip
+    assert (
+        "The helpful mix could not be met: helpful_mix=0.9 wanted 18 helpful pairs, 6 were available"
+        in (dataset / "README.md").read_text()
+    )
 
 
 def test_duplicate_pairs_are_dropped_and_counted(tmp_path):
@@ -159,3 +166,66 @@ def test_critique_then_revise_draws_principles_and_stores_the_constitution(tmp_p
     assert refusal and all(row["strategy"] == "critique-then-revise" and row["principle"] for row in refusal)
     assert (dataset / "templates" / "constitution.yaml").exists()
     assert (dataset / "templates" / "revise" / "critique-then-revise.yaml").exists()
+
+
+def _scenario_with(tmp_path, changes: dict[str, dict]):
+    """The hand-made scenario with some tags' answers replaced."""
+    from tests.preferences.conftest import SCENARIO
+
+    scenario = {tag: {**entry, **changes.get(tag, {})} for tag, entry in SCENARIO.items()}
+    return scenario, scenario_config(tmp_path)
+
+
+def test_no_refusal_pair_stops_the_stage_with_the_funnel_in_the_message(tmp_path):
+    import pytest
+
+    from selfalign.errors import SelfAlignError
+
+    # every red-team answer harmless (no [harm] marker): nothing to revise, so no refusal pair
+    changes = {tag: {"answer": f"Here is a calm, harmless reply {tag}."} for tag in ("r1", "r2", "r3", "r4", "r5")}
+    scenario, config = _scenario_with(tmp_path, changes)
+    config.helpful_mix = 0.6
+    with pytest.raises(SelfAlignError) as raised:
+        run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "0 of 6 red-team answers judged harmful by one-shot/logprob" in message
+    assert "no refusal pairs, so helpful_mix=0.6 keeps no helpful pair either" in message
+    funnel = json.loads((tmp_path / "out" / "funnel.json").read_text())
+    assert funnel["kept"] == {"refusal": 0, "helpful": 0}
+    assert not (tmp_path / "out" / "dataset").exists()
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["status"] == "failed" and "0 of 6 red-team answers" in record["error"]
+
+
+def test_refusal_pairs_without_any_helpful_pair_stop_the_stage_when_a_mix_is_asked_for(tmp_path):
+    import pytest
+
+    from selfalign.errors import SelfAlignError
+
+    # the two benign answers that were helpful candidates now read as harmful: no helpful pair can form
+    changes = {tag: {"answer": f"[harm] An odd reply {tag}."} for tag in ("b1", "b5")}
+    scenario, config = _scenario_with(tmp_path, changes)
+    config.helpful_mix = 0.5
+    expected = (
+        r"2 refusal pairs but no helpful pair for helpful_mix=0.5: 0 of 6 benign answers judged harmless by "
+        r"one-shot/logprob without a refusal, 0 refusals written"
+    )
+    with pytest.raises(SelfAlignError, match=expected):
+        run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+    config.helpful_mix = 0.0  # no mix asked for: refusal pairs alone are a valid dataset
+    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+    assert json.loads((dataset / "funnel.json").read_text())["kept"] == {"refusal": 2, "helpful": 0}
+
+
+def test_without_the_forced_prefix_the_model_writes_the_whole_revision(tmp_path):
+    config = scenario_config(tmp_path)
+    config.revision.force_prefix = False
+    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config))
+    steps, _ = funnel_of(dataset)
+    assert steps["revision accepted (judged harmless)"] == (2, None)
+    # no revision the scripted model writes on its own reads as a refusal to the detector
+    assert steps["revision a refusal (what the refusal detector alone would accept)"] == (0, None)
+    pairs = {row["key"].split("/")[-1]: row for row in read_jsonl(dataset / "train.jsonl") + read_jsonl(
+        dataset / "eval.jsonl")}  # fmt: skip
+    assert pairs["r1"]["chosen"] == "Poisoning a well hurts a whole village."

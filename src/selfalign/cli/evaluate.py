@@ -39,7 +39,7 @@ def evaluate_command(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings.")] = None,
 ) -> None:
     """Evaluate the base model and each adapter: harmlessness, over-refusal, helpfulness, with intervals."""
-    from selfalign.config import load_config, read_yaml_mapping
+    from selfalign.config import load_config
     from selfalign.evaluation.run import EvaluateConfig, evaluate
 
     options = {"model.model": model, "harmful": harmful, "benign": benign, "helpful": helpful, "limit": limit}
@@ -49,9 +49,9 @@ def evaluate_command(
     if adapter:
         updates["adapters"] = {**evaluate_config.adapters, **parse_adapters(adapter)}
     if judge is not None:
-        from selfalign.judging.judge import JudgeConfig
+        from selfalign.judging.judge import load_judge_file
 
-        updates["judge"] = JudgeConfig.model_validate(read_yaml_mapping(judge))
+        updates["judge"] = load_judge_file(judge)
     metrics = evaluate(evaluate_config.model_copy(update=updates), out)
     typer.echo((out / "report.md").read_text(encoding="utf-8").split("## Harmlessness by category")[0])
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'samples.jsonl'}, {out / 'report.md'}, {out / 'report.html'}")
@@ -116,11 +116,11 @@ def rescore_command(
     judge_model: Annotated[str | None, typer.Option(help="Another model to judge with.")] = None,
 ) -> None:
     """Judge saved answers again with another judge, without generating; write new metrics beside the old."""
-    from selfalign.config import read_yaml_mapping
-    from selfalign.judging.judge import JudgeConfig
+    from selfalign.judging.judge import JudgeConfig, load_judge_file
     from selfalign.models.language_model import ModelConfig
 
-    data = read_yaml_mapping(judge) if judge is not None else {}
+    # a judge.yaml goes through the one loader (weights resolved beside it); flags on the command line then apply
+    data = load_judge_file(judge).model_dump(exclude_unset=True) if judge is not None else {}
     if template:
         data.update(design="single", template=template)
     if mode:

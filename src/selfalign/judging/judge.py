@@ -7,6 +7,9 @@
 - `ensemble`: the mean P(harmful) of several templates in logprob mode.
 - `composite`: a logistic combination of a logprob self-judge, the refusal detector and the prompt's source set
   (a red-team prompt answered without refusal is likely harmful); its weights are fitted by tune-judge.
+- `probe`: a logistic regression on the judge model's own hidden states for the judge prompt (judging/probe.py).
+- `adapter`: a LoRA adapter trained on labeled dev data to put its mass on the right label token, read in logprob
+  mode (judging/adapter_judge.py); loaded for judging only, never for answering.
 A small base model judges near chance by itself (NOTES: AUROC ~0.57), which is why the designs that lean on easier
 questions and independent signals exist, and why every design is measured before it is used.
 """
@@ -17,6 +20,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol
 
 from pydantic import Field, model_validator
@@ -35,7 +39,9 @@ LABEL_CONTINUATIONS = (" 1", " 0")
 class JudgeConfig(StrictModel):
     """How answers are judged. tune-judge writes one of these for the pipeline to use."""
 
-    design: Literal["single", "ensemble", "composite"] = Field("single", description="Which judge design.")
+    design: Literal["single", "ensemble", "composite", "probe", "adapter", "rule"] = Field(
+        "single", description="Which judge design; `rule` is the no-model rule (judging/baseline.py), no model at all."
+    )
     template: JudgeTemplateName = Field("one-shot", description="Template name or .yaml path (single and composite).")
     mode: JudgeMode = Field("logprob", description="single: generate a verdict, or read label log-probabilities.")
     templates: list[JudgeTemplateName] = Field(
@@ -49,10 +55,17 @@ class JudgeConfig(StrictModel):
         default_factory=lambda: [-2.0, 1.0, -3.0, 4.0],
         description="composite: [bias, judge logit, refused, harmful source]; tune-judge fits them.",
     )
+    weights: str | None = Field(
+        None,
+        description="probe: the probe's JSON file; adapter: the judge's LoRA adapter folder. tune-judge writes them "
+        "beside judge.yaml; a relative path is relative to the judge.yaml that names it.",
+    )
     model: ModelConfig | None = Field(None, description="The judge model; None means the policy judges itself.")
 
     @model_validator(mode="after")
     def _check(self) -> JudgeConfig:
+        if self.design in ("probe", "adapter") and not self.weights:
+            raise ValueError(f"weights: a {self.design} judge needs the file or folder of its trained weights")
         if len(self.composite_weights) != 4:
             raise ValueError("composite_weights needs 4 numbers: bias, judge logit, refused, harmful source")
         if self.design == "ensemble" and len(self.templates) < 2:
@@ -64,6 +77,10 @@ class JudgeConfig(StrictModel):
             return f"ensemble({'+'.join(self.templates)})/logprob"
         if self.design == "composite":
             return f"composite({self.template}/logprob+refusal+source)"
+        if self.design in ("probe", "adapter"):
+            return f"{self.design}({self.template})"
+        if self.design == "rule":
+            return "no-model-rule"
         return f"{self.template}/{self.mode}"
 
 
@@ -249,8 +266,37 @@ def combine_composite(
     return judgments
 
 
+def load_judge_file(path: str | Path) -> JudgeConfig:
+    """A judge.yaml (tune-judge's choice, or a user's), strictly parsed, with its weights path made absolute and
+    checked: a judge folder missing its weights fails here, when the config loads, not when a stage first judges."""
+    from selfalign.config import load_config
+
+    path = Path(path)
+    config = load_config(JudgeConfig, path)
+    if config.weights is None:
+        return config
+    weights = Path(config.weights)
+    if not weights.is_absolute():
+        weights = path.parent / weights
+    if not weights.exists():
+        raise SelfAlignError(f"{path}: weights: {weights} not found (the {config.design} judge's trained weights)")
+    return config.model_copy(update={"weights": str(weights.resolve())})
+
+
 def build_judge(config: JudgeConfig, model: LanguageModel) -> Judge:
     """The judge a config describes, judging with `model` (the policy, or the judge model loaded by the caller)."""
+    if config.design == "rule":
+        from selfalign.judging.baseline import NoModelRuleJudge
+
+        return NoModelRuleJudge()
+    if config.design == "probe":
+        from selfalign.judging.probe import ProbeJudge
+
+        return ProbeJudge.load(config, model)
+    if config.design == "adapter":
+        from selfalign.judging.adapter_judge import AdapterJudge
+
+        return AdapterJudge.load(config, model)
     if config.design == "ensemble":
         members = [
             TemplateJudge(model, load_template(t), "logprob", 0.5, config.min_label_mass) for t in config.templates

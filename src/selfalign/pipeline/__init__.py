@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from selfalign.pipeline.config import RunConfig
-from selfalign.pipeline.engine import PlannedStage, build_manifest, run_stages, write_manifest
+from selfalign.pipeline.engine import PlannedStage, RunState, build_manifest, run_stages, write_manifest
 from selfalign.pipeline.stages import copy_report, plan_stages
 
 
@@ -38,7 +38,16 @@ def run_pipeline(
         return plan, None
     preflight(config)
     started = time.perf_counter()
-    plan, state = run_stages(stages, out, from_stage, only)
+    state = RunState()
+    try:
+        plan, state = run_stages(stages, out, from_stage, only, state=state)
+    except Exception as exc:
+        # what finished stays cached; run.json says which stage stopped the run and why, in one line
+        if state.failed is not None:
+            error = (str(exc).splitlines() or [type(exc).__name__])[0]
+            seconds = time.perf_counter() - started
+            write_manifest(out, build_manifest(config, state.plan, state, out, seconds, error=error))
+        raise
     if "report" in state.outputs:
         copy_report(state.outputs["report"], out)
     manifest = build_manifest(config, plan, state, out, time.perf_counter() - started)

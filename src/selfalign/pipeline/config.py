@@ -39,7 +39,14 @@ class RunConfig(StrictModel):
     tune_judge: TuneJudgeConfig | None = Field(
         default_factory=TuneJudgeConfig, description="Measure the judge designs first; null uses `judge` as given."
     )
-    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge when tune_judge is null.")
+    judge: JudgeConfig = Field(
+        default_factory=JudgeConfig, description="The judge when tune_judge is null or use_tuned_judge is false."
+    )
+    use_tuned_judge: bool = Field(
+        True,
+        description="false: tune-judge still measures every design (its tables are in the report), but the stages "
+        "judge with `judge` as configured, e.g. to hold one judge fixed across seeds and sweeps.",
+    )
     preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
     training: TrainingSection = Field(default_factory=TrainingSection)
     evaluation: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -62,6 +69,8 @@ class RunConfig(StrictModel):
             if is_set:
                 raise ValueError(f"{key} is set by the pipeline (from model, seed, tune-judge and training); remove it")
         _check_training_settings(self.training)
+        if self.judge.weights is not None and not Path(self.judge.weights).exists():
+            raise ValueError(f"judge.weights: {self.judge.weights} not found (the {self.judge.design} judge's weights)")
         if not (self.training.sft or self.training.dpo):
             raise ValueError("training: enable sft, dpo or both")
         if self.training.dpo_from_sft and not (self.training.sft and self.training.dpo):

@@ -54,6 +54,8 @@ class RunState:
     outputs: dict[str, Path] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
     records: dict[str, dict] = field(default_factory=dict)
+    plan: list[PlannedStage] = field(default_factory=list)  # as far as the run got
+    failed: str | None = None  # the stage that raised, if one did
 
 
 def folder_hash(folder: Path, skip: tuple[str, ...] = (MARKER,)) -> str:
@@ -88,9 +90,11 @@ def read_marker(folder: Path) -> dict | None:
 
 
 def run_stages(
-    stages: list[Stage], out: Path, from_stage: str | None = None, only: str | None = None, dry_run: bool = False
-) -> tuple[list[PlannedStage], RunState]:
-    """Run (or plan) the stages in order; returns the plan and what each stage produced."""
+    stages: list[Stage], out: Path, from_stage: str | None = None, only: str | None = None, dry_run: bool = False,
+    state: RunState | None = None,
+) -> tuple[list[PlannedStage], RunState]:  # fmt: skip
+    """Run (or plan) the stages in order; returns the plan and what each stage produced. A caller that passes
+    `state` keeps what finished, and which stage failed, when a stage raises."""
     kinds = [s.kind for s in stages]
     for option, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in kinds:
@@ -101,7 +105,8 @@ def run_stages(
     if from_stage is not None:
         start = kinds.index(from_stage)
         forced = {s.name for s in stages[start:]}
-    state, plan = RunState(), []
+    state = state if state is not None else RunState()
+    plan = state.plan
     for stage in stages:
         missing = [name for name in stage.inputs if name not in state.hashes]
         input_hashes = {name: state.hashes.get(name, f"pending:{name}") for name in stage.inputs}
@@ -125,9 +130,13 @@ def run_stages(
         if missing:
             hint = "; run without --only first" if only else ""
             raise SelfAlignError(f"stage {stage.name} needs {', '.join(missing)}, which has not run{hint}")
-        state.records[stage.name] = execute(
-            stage, folder, key, {n: state.outputs[n] for n in stage.inputs}, input_hashes
-        )
+        try:
+            state.records[stage.name] = execute(
+                stage, folder, key, {n: state.outputs[n] for n in stage.inputs}, input_hashes
+            )
+        except BaseException:
+            state.failed = stage.name
+            raise
         state.outputs[stage.name], state.hashes[stage.name] = folder, state.records[stage.name]["output_hash"]
     return plan, state
 
@@ -178,7 +187,10 @@ def format_tokens(tokens: dict[str, Any] | None) -> str:
     return ", ".join(f"{count} {what}" for what, count in tokens.items() if isinstance(count, int))
 
 
-def build_manifest(config: RunConfig, plan: list[PlannedStage], state: RunState, out: Path, seconds: float) -> dict:
+def build_manifest(
+    config: RunConfig, plan: list[PlannedStage], state: RunState, out: Path, seconds: float, error: str | None = None
+) -> dict:
+    """run.json: what ran, with what, how long; a failed run records which stage failed and its one-line error."""
     import importlib.metadata as metadata
     import platform
 
@@ -188,7 +200,10 @@ def build_manifest(config: RunConfig, plan: list[PlannedStage], state: RunState,
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             packages[name] = None
+    status = "completed" if error is None else "failed"
     return {
+        "status": status,
+        **({"failed_stage": state.failed, "error": error} if error is not None else {}),
         "python": platform.python_version(),
         "packages": packages,
         "seed": config.seed,
@@ -199,7 +214,7 @@ def build_manifest(config: RunConfig, plan: list[PlannedStage], state: RunState,
         # process ran count too.
         "peak_rss_kb": max(
             [lifetime_peak_kb()]
-            + [state.records[item.stage.name].get("peak_rss_kb") or 0 for item in plan if item.will_run]
+            + [state.records.get(item.stage.name, {}).get("peak_rss_kb") or 0 for item in plan if item.will_run]
         ),
         "stages": {
             item.stage.name: {

@@ -31,7 +31,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                 "tune-judge", "tune-judge", [], tune.model_dump(mode="json", context=CACHE_KEY), _tune_judge_body(tune)
             )
         )
-        judge_inputs = ["tune-judge"]
+        judge_inputs = ["tune-judge"] if config.use_tuned_judge else []
 
     adapters: dict[str, str] = {}  # variant name -> stage name
     previous_adapter_stage: str | None = None
@@ -122,11 +122,10 @@ def _tune_judge_body(tune: Any):
 
 def judge_for(config: RunConfig, inputs: dict[str, Path]) -> Any:
     """tune-judge's chosen judge where it ran, else the configured one; it judges with the run's model."""
-    from selfalign.judging.judge import JudgeConfig
+    from selfalign.judging.judge import load_judge_file
 
     if "tune-judge" in inputs:
-        chosen = JudgeConfig.model_validate(yaml.safe_load((inputs["tune-judge"] / "judge.yaml").read_text()))
-        return chosen
+        return load_judge_file(inputs["tune-judge"] / "judge.yaml")
     return config.judge
 
 

@@ -54,15 +54,22 @@ def run(config: PreferencesConfig, stage_dir: Path, dataset_dir: Path) -> Path:
     clean, dropped = drop_degenerate(formed)
     refusal_kept = [pair for pair in clean if pair["pair_type"] == "refusal"]
     helpful_clean = [pair for pair in clean if pair["pair_type"] == "helpful"]
-    helpful_kept = helpful.choose_helpful(
-        helpful_clean, helpful.helpful_wanted(len(refusal_kept), config.helpful_mix), config.seed
-    )
+    helpful_wanted = helpful.helpful_wanted(len(refusal_kept), config.helpful_mix)
+    helpful_kept = helpful.choose_helpful(helpful_clean, helpful_wanted, config.seed)
     kept = sorted(refusal_kept + helpful_kept, key=lambda pair: order[pair["key"]])
     train, held_out = split_pairs(kept, config.eval_fraction, config.seed)
 
-    # ---- the card and the files stored beside the data ----------------------------------------------------------
+    # ---- the funnel; a dataset that cannot teach what it is for stops the stage here ----------------------------
     stages = {"responses": responses, "judgments": judgments, "revisions": revisions, "refusals": refusals}
     funnel = count_funnel(stages, formed, dropped, kept)
+    funnel["helpful_mix"] = mix_summary(config.helpful_mix, helpful_wanted, len(helpful_kept), len(kept))
+    problem = one_sided(funnel, config)
+    if problem is not None:
+        # the funnel lands beside the stage files, so the numbers behind the message can be read after the failure
+        write_text_atomic(dataset_dir.parent / "funnel.json", json.dumps(funnel, indent=2) + "\n")
+        raise SelfAlignError(f"preferences: {problem} (funnel: {dataset_dir.parent / 'funnel.json'})")
+    if funnel["helpful_mix"]["shortfall"]:
+        logger.warning("build: %s", funnel["helpful_mix"]["note"])
     files = template_files(config)
     card = dataset_card(config, funnel, judge_accuracy(config), {"train": len(train), "eval": len(held_out)}, files)
     files.update({"README.md": card, "funnel.json": json.dumps(funnel, indent=2) + "\n"})
@@ -185,6 +192,9 @@ def count_funnel(stages: dict[str, list[dict]], formed: list[dict], dropped: Cou
 
     revised = count(judgments, "harmful", lambda row: row["label"] == 1)
     accepted = len({row["item_key"] for row in revisions if row["accepted"]})
+    # what the refusal detector alone would have accepted: with a forced refusal prefix, every usable revision
+    usable = [row for row in revisions if row["why_not_accepted"] not in ("empty", "same as original")]
+    detector_would = len({row["item_key"] for row in usable if detector.detect(row["revision"]).refused})
     over_refused = count(judgments, "benign", lambda r: r["label"] == 0 and detector.detect(r["response"]).refused)
     formed_by_type = per_type(formed)
     dropped_by_type = [sum(n for (_, t), n in dropped.items() if t == pair_type) for pair_type in PAIR_TYPES]
@@ -196,6 +206,7 @@ def count_funnel(stages: dict[str, list[dict]], formed: list[dict], dropped: Cou
         ("judge abstained", *both(judgments, lambda row: row["label"] is None)),
         ("revised (red-team answers judged harmful)", revised, None),
         ("revision accepted (judged harmless)", accepted, None),
+        ("revision a refusal (what the refusal detector alone would accept)", detector_would, None),
         ("no revision accepted", revised - accepted, None),
         ("judged harmless but a refusal (over-refusal)", None, over_refused),
         ("helpful candidates (judged harmless, not a refusal)", None, len(refusals)),
@@ -216,6 +227,58 @@ def count_funnel(stages: dict[str, list[dict]], formed: list[dict], dropped: Cou
         "dropped": [{"reason": r, "pair_type": t, "count": n} for (r, t), n in sorted(dropped.items())],
         "kept": dict(zip(PAIR_TYPES, per_type(kept))),
     }
+
+
+def mix_summary(share: float, wanted: int, kept_helpful: int, kept: int) -> dict[str, Any]:
+    """What the helpful mix asked for and what it got. A mix that cannot be met keeps every helpful pair it has and
+    says so here (the card and the run report show this note): fewer good helpful pairs beat padding with bad ones."""
+    shortfall = kept_helpful < wanted
+    actual = kept_helpful / kept if kept else 0.0
+    note = (
+        f"helpful_mix={share} wanted {wanted} helpful pairs, {kept_helpful} were available: the helpful share is "
+        f"{actual:.2f}, not {share}"
+        if shortfall
+        else f"helpful_mix={share}: {kept_helpful} helpful pairs kept, as asked"
+    )
+    return {"asked": share, "wanted": wanted, "kept": kept_helpful, "share": round(actual, 4), "shortfall": shortfall,
+            "note": note}  # fmt: skip
+
+
+def one_sided(funnel: dict, config: PreferencesConfig) -> str | None:
+    """Why the pairs cannot train what the run is for, from the funnel's own counts; None when they can.
+
+    No refusal pair means nothing teaches harmlessness, and the helpful mix, a share of the refusal pairs, then keeps
+    nothing either; with a helpful mix asked for, no helpful pair means the adapters learn only to refuse. Both are
+    errors of this stage rather than of training, which would fail later on an empty file or learn the wrong thing.
+    """
+    steps = {step["step"]: step for step in funnel["steps"]}
+    kept = funnel["kept"]
+    judge = config.judge.describe()
+    red_team = steps["prompts"]["refusal"]
+    if kept["refusal"] == 0:
+        harmful = steps["judged harmful"]["refusal"]
+        abstained = steps["judge abstained"]["refusal"]
+        why = f"{harmful} of {red_team} red-team answers judged harmful by {judge}"
+        why += f" ({abstained} abstentions)" if abstained else ""
+        if harmful:
+            accepted = steps["revision accepted (judged harmless)"]["refusal"]
+            why += f", {accepted} of their revisions accepted, {steps['pairs after cleaning']['refusal']} pairs left"
+            why += " after cleaning"
+        why += "; no refusal pairs"
+        if config.helpful_mix > 0:
+            why += f", so helpful_mix={config.helpful_mix} keeps no helpful pair either"
+        return why
+    if funnel["helpful_mix"]["wanted"] > 0 and kept["helpful"] == 0:
+        candidates = steps["helpful candidates (judged harmless, not a refusal)"]["helpful"]
+        written = steps["refusal written (the detector flags it)"]["helpful"]
+        benign = steps["prompts"]["helpful"]
+        return (
+            f"{kept['refusal']} refusal pairs but no helpful pair for helpful_mix={config.helpful_mix}: "
+            f"{candidates} of {benign} benign answers judged harmless by {judge} without a refusal, "
+            f"{written} refusals written for them, {steps['pairs after cleaning']['helpful']} helpful pairs left "
+            "after cleaning"
+        )
+    return None
 
 
 # ---- writing --------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from typing import Any
 
 from selfalign.errors import SelfAlignError
 from selfalign.preferences.config import PreferencesConfig
-from selfalign.preferences.helpful import helpful_wanted
 
 COLUMN_DOCS = {
     "prompt": "the request, as written in its prompt set (not formatted for any model)",
@@ -111,8 +110,8 @@ def dataset_card(
         "|---|---:|---:|",
         *(f"| {row['step']} | {_cell(row['refusal'])} | {_cell(row['helpful'])} |" for row in funnel["steps"]),
     ]
-    if kept["helpful"] < helpful_wanted(kept["refusal"], config.helpful_mix):
-        lines += ["", "Fewer helpful pairs survived than the mix asks for: the share kept is below `helpful_mix`."]
+    if funnel["helpful_mix"]["shortfall"]:
+        lines += ["", f"The helpful mix could not be met: {funnel['helpful_mix']['note']}."]
     if funnel["attempts"]:
         reasons = sorted({key for row in funnel["attempts"] for key in row} - {"attempt", "revised", "accepted"})
         header = ["attempt", "revised", "accepted", *reasons]

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from selfalign.backends.base import GenerationParams
 from selfalign.config import StrictModel, load_config
 from selfalign.errors import SelfAlignError
-from selfalign.judging.judge import JudgeConfig
+from selfalign.judging.judge import JudgeConfig, load_judge_file
 from selfalign.models.language_model import ModelConfig
 from selfalign.preferences.templates import ConstitutionName, RefusalTemplateName, RevisionTemplateName
 
@@ -41,6 +41,12 @@ class RevisionConfig(StrictModel):
         "refuse-and-explain", description="refuse-and-explain, critique-then-revise, or a revision template .yaml."
     )
     n_attempts: int = Field(2, ge=1, description="Revisions tried per harmful answer until one is judged harmless.")
+    force_prefix: bool = Field(
+        True,
+        description="Start the rewrite with the strategy's response_prefix (refuse-and-explain: a refusal sentence, "
+        "which a base model needs to refuse at all, and which the refusal detector then always matches; "
+        "critique-then-revise has none). false: the model writes the whole revision and the judge reads only that.",
+    )
     constitution: ConstitutionName = Field(
         "constitution", description="Principles for critique-then-revise: shipped or a .yaml."
     )
@@ -104,7 +110,7 @@ def load_preferences_config(path: str | Path | None, overrides: list[str] | None
         raise SelfAlignError(
             f"judge_file is given, so set no judge.{sorted(fields_set)[0]}: the judge comes from {config.judge_file}"
         )
-    judge = load_config(JudgeConfig, config.judge_file)
+    judge = load_judge_file(config.judge_file)
     results = Path(config.judge_file).with_name("results.json")
     config.judge = judge.model_copy(update={"model": config.judge.model})
     if config.judge_results is None and results.is_file():

@@ -109,9 +109,10 @@ def revise_and_judge(
         critique_tokens = [c.completion_tokens for c in completions]
 
     step = template.revision
+    prefix = step.response_prefix if config.revision.force_prefix else ""
     requests = [render_step(step, template.source, **v, critique=c) for v, c in zip(variables, critiques)]
-    completions = models.policy.answer(requests, params, answer_prefix=step.response_prefix)
-    revisions = [join_prefix(step.response_prefix, c.text) for c in completions]
+    completions = models.policy.answer(requests, params, answer_prefix=prefix)
+    revisions = [join_prefix(prefix, c.text) for c in completions]
     revision_tokens = [c.completion_tokens for c in completions]  # the run manifest sums them
 
     # the judge reads only revisions that could be accepted: an empty or unchanged one is rejected already
