@@ -78,7 +78,7 @@ class JudgeConfig(StrictModel):
         if self.design == "composite":
             return f"composite({self.template}/logprob+refusal+source)"
         if self.design in ("probe", "adapter"):
-            return f"{self.design}({self.template})"
+            return self.design  # tune-judge's results name them so (there is one of each per run)
         if self.design == "rule":
             return "no-model-rule"
         return f"{self.template}/{self.mode}"

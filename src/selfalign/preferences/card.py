@@ -58,6 +58,19 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def funnel_table(funnel: dict[str, Any]) -> list[str]:
+    """The funnel as markdown lines: every step for both pair types, then the helpful mix when it fell short."""
+    lines = [
+        "| step | red-team (refusal pairs) | benign and helpful (helpful pairs) |",
+        "|---|---:|---:|",
+        *(f"| {row['step']} | {_cell(row['refusal'])} | {_cell(row['helpful'])} |" for row in funnel["steps"]),
+    ]
+    mix = funnel.get("helpful_mix")
+    if mix and mix["shortfall"]:
+        lines += ["", f"The helpful mix could not be met: {mix['note']}."]
+    return lines
+
+
 def dataset_card(
     config: PreferencesConfig, funnel: dict[str, Any], accuracy: str, splits: dict[str, int], files: dict[str, str]
 ) -> str:
@@ -106,12 +119,8 @@ def dataset_card(
         "",
         "## Funnel",
         "",
-        "| step | red-team (refusal pairs) | benign and helpful (helpful pairs) |",
-        "|---|---:|---:|",
-        *(f"| {row['step']} | {_cell(row['refusal'])} | {_cell(row['helpful'])} |" for row in funnel["steps"]),
+        *funnel_table(funnel),
     ]
-    if funnel["helpful_mix"]["shortfall"]:
-        lines += ["", f"The helpful mix could not be met: {funnel['helpful_mix']['note']}."]
     if funnel["attempts"]:
         reasons = sorted({key for row in funnel["attempts"] for key in row} - {"attempt", "revised", "accepted"})
         header = ["attempt", "revised", "accepted", *reasons]

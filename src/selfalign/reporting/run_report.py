@@ -16,16 +16,39 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _training_lines(name: str, folder: Path) -> list[str]:
-    metrics = _read_json(folder / "training" / "metrics.json")
-    if metrics is None:
-        return [f"- {name}: no metrics.json"]
-    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    keys = [k for k in shown if any(w in k for w in ("loss", "accuracies", "margins", "steps", "runtime"))][:10]
-    return [f"- {name}: " + ", ".join(f"{k} {shown[k]:.4g}" for k in keys)]
+TRAINING_COLUMNS = (  # (section of metrics.json, key, column): training/common.py writes the sections
+    ("train", "steps", "steps"), ("train", "loss", "train loss"), ("train", "runtime_s", "seconds"),
+    ("eval_before", "eval_loss", "eval loss before"), ("eval_after", "eval_loss", "eval loss after"),
+    ("eval_before", "eval_rewards/accuracies", "reward accuracy before"),
+    ("eval_after", "eval_rewards/accuracies", "reward accuracy after"),
+    ("eval_before", "eval_rewards/margins", "reward margin before"),
+    ("eval_after", "eval_rewards/margins", "reward margin after"),
+)  # fmt: skip
+
+
+def _training_table(stages: list[tuple[str, Path]]) -> list[str]:
+    """One row per training stage: losses, and for DPO the held-out reward accuracy and margin before and after."""
+    rows = {name: _read_json(path / "training" / "metrics.json") for name, path in stages}
+    columns = [
+        (section, key, label) for section, key, label in TRAINING_COLUMNS
+        if any(isinstance((m or {}).get(section) or {}, dict) and key in ((m or {}).get(section) or {})
+               for m in rows.values())
+    ]  # fmt: skip
+    lines = ["| stage | " + " | ".join(label for _, _, label in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, metrics in rows.items():
+        if metrics is None:
+            lines.append(f"| {name} | " + " | ".join("no metrics.json" for _ in columns) + " |")
+            continue
+        cells = []
+        for section, key, _ in columns:
+            value = (metrics.get(section) or {}).get(key)
+            cells.append("n/a" if not isinstance(value, (int, float)) else f"{value:.4g}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_run_report(stage_folders: dict[str, Path], folder: Path) -> None:
+    from selfalign.preferences.card import funnel_table
     from selfalign.reporting.report import HEADERS, summary_rows
 
     lines = ["# selfalign run report", ""]
@@ -51,15 +74,12 @@ def write_run_report(stage_folders: dict[str, Path], folder: Path) -> None:
             funnel = _read_json(path / "dataset" / "funnel.json")
             lines += [f"## Preference data ({name})", ""]
             if funnel:
-                lines += ["```json", json.dumps(funnel, indent=2), "```", ""]
+                lines += [*funnel_table(funnel), ""]
             lines.append(f"Dataset card: `{path / 'dataset' / 'README.md'}`")
             lines.append("")
     training = [(n, p) for n, p in stage_folders.items() if n.startswith(("sft", "dpo"))]
     if training:
-        lines += ["## Training", ""]
-        for name, path in training:
-            lines += _training_lines(name, path)
-        lines.append("")
+        lines += ["## Training", "", *_training_table(training), ""]
     write_text_atomic(folder / "report.md", "\n".join(lines) + "\n")
     if evaluation and (evaluation / "report.html").is_file():
         shutil.copyfile(evaluation / "report.html", folder / "report.html")
