@@ -17,6 +17,7 @@ def test_funnel_numbers_on_the_hand_made_scenario(scenario, tmp_path):
     assert steps == {
         "prompts": (6, 6),
         "answered (non-empty)": (5, 5),
+        "answer degenerate (loops, repeats itself or empty: never chosen)": (1, 1),  # r6 | b6: empty
         "judged harmful": (3, 1),  # r1 r2 r3 | b2
         "judged harmless": (1, 3),  # r5 | b1 b4 b5
         "judge abstained": (1, 1),  # r4 | b3
@@ -26,7 +27,7 @@ def test_funnel_numbers_on_the_hand_made_scenario(scenario, tmp_path):
         "revision a refusal (what the refusal detector alone would accept)": (3, None),
         "no revision accepted": (1, None),  # r3: the judge abstained on both revisions
         "judged harmless but a refusal (over-refusal)": (None, 1),  # b4
-        "helpful candidates (judged harmless, not a refusal)": (None, 2),  # b1 b5
+        "helpful candidates (judged harmless, not a refusal, not degenerate)": (None, 2),  # b1 b5
         "refusal written (the detector flags it)": (None, 2),
         "pairs formed": (2, 2),
         "degenerate pairs dropped": (0, 0),
@@ -209,7 +210,7 @@ def test_refusal_pairs_without_any_helpful_pair_stop_the_stage_when_a_mix_is_ask
     config.helpful_mix = 0.5
     expected = (
         r"2 refusal pairs but no helpful pair for helpful_mix=0.5: 0 of 6 benign answers judged harmless by "
-        r"one-shot/logprob without a refusal, 0 refusals written"
+        r"one-shot/logprob, not refusals and not degenerate, 0 refusals written"
     )
     with pytest.raises(SelfAlignError, match=expected):
         run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
@@ -229,3 +230,24 @@ def test_without_the_forced_prefix_the_model_writes_the_whole_revision(tmp_path)
     pairs = {row["key"].split("/")[-1]: row for row in read_jsonl(dataset / "train.jsonl") + read_jsonl(
         dataset / "eval.jsonl")}  # fmt: skip
     assert pairs["r1"]["chosen"] == "Poisoning a well hurts a whole village."
+
+
+LOOP = "The screw is a small screw, and the screw is a small screw, and the screw is a small screw."
+
+
+def test_a_degenerate_answer_never_becomes_chosen(tmp_path):
+    # b5's helpful answer loops, so it yields no helpful pair; r1's first revision loops, so attempt 2 re-samples it
+    changes = {"b5": {"answer": LOOP}, "r1": {"revisions": [LOOP, "Poisoning a well hurts a whole village."]}}
+    scenario, config = _scenario_with(tmp_path, changes)
+    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+    steps, funnel = funnel_of(dataset)
+    assert steps["answer degenerate (loops, repeats itself or empty: never chosen)"] == (1, 2)  # r6 | b5, b6
+    assert steps["helpful candidates (judged harmless, not a refusal, not degenerate)"] == (None, 1)  # b1
+    assert funnel["attempts"][0]["degenerate (loops)"] == 1
+    rows = read_jsonl(dataset / "train.jsonl") + read_jsonl(dataset / "eval.jsonl")
+    chosen = {row["key"].split("/")[-1]: row for row in rows}
+    assert chosen["r1"]["attempt"] == 2 and "Poisoning a well" in chosen["r1"]["chosen"]
+    assert all("screw" not in row["chosen"] for row in rows)
+    assert funnel["quality"]["chosen (refusal pairs)"]["loops"]["count"] == 0
+    assert funnel["quality"]["answers (benign)"]["loops"]["count"] == 1
+    assert "| chosen (helpful pairs) | 1 |" in (dataset / "README.md").read_text()

@@ -2,10 +2,11 @@
 
 Refusal pairs: (red-team prompt, chosen = the accepted revision, rejected = the answer judged harmful). Helpful pairs:
 (benign prompt, chosen = the answer judged harmless and not a refusal, rejected = the model's refusal). Degenerate
-pairs (an empty side, chosen equal to rejected, duplicates) are dropped and counted; the helpful mix keeps as many
-helpful pairs as make `helpful_mix` of all pairs; a seeded split holds out `eval_fraction` of each pair type. The
-folder holds the `datasets` DatasetDict (Arrow), train.jsonl and eval.jsonl, the card (README.md) and the exact
-templates and constitution used. Nothing here calls a model, so a build is cheap and repeats exactly.
+pairs (an empty side, chosen equal to rejected, a degenerate chosen answer, duplicates) are dropped and counted; the
+helpful mix keeps as many helpful pairs as make `helpful_mix` of all pairs; a seeded split holds out `eval_fraction`
+of each pair type. The folder holds the `datasets` DatasetDict (Arrow), train.jsonl and eval.jsonl, the card
+(README.md) and the exact templates and constitution used. Nothing here calls a model, so a build is cheap and
+repeats exactly.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from selfalign.preferences.card import dataset_card, judge_accuracy
 from selfalign.preferences.config import PreferencesConfig
 from selfalign.preferences.stages import HELPFUL, JUDGMENTS, RESPONSES, REVISIONS, read_rows, stage_path
 from selfalign.preferences.templates import load_refusal_template
+from selfalign.quality import measure_answer, summarize_answers
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +148,15 @@ def drop_degenerate(pairs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     for pair in pairs:
         chosen, rejected = revise.normalized(pair["chosen"] or ""), revise.normalized(pair["rejected"] or "")
         identity = (revise.normalized(pair["prompt"]), chosen, rejected)
+        quality = measure_answer(pair["chosen"] or "")
         if not chosen:
             reason = "chosen empty"
         elif not rejected:
             reason = "rejected empty"
         elif chosen == rejected:
             reason = "chosen equals rejected"
+        elif quality.is_degenerate:  # the stages already keep these out; a user's own stage files may not
+            reason = f"chosen degenerate ({quality.degenerate_reason})"
         elif identity in seen:
             reason = "duplicate"
         else:
@@ -196,11 +201,13 @@ def count_funnel(stages: dict[str, list[dict]], formed: list[dict], dropped: Cou
     usable = [row for row in revisions if row["why_not_accepted"] not in ("empty", "same as original")]
     detector_would = len({row["item_key"] for row in usable if detector.detect(row["revision"]).refused})
     over_refused = count(judgments, "benign", lambda r: r["label"] == 0 and detector.detect(r["response"]).refused)
+    degenerate = both(responses, lambda row: measure_answer(row["response"]).is_degenerate)
     formed_by_type = per_type(formed)
     dropped_by_type = [sum(n for (_, t), n in dropped.items() if t == pair_type) for pair_type in PAIR_TYPES]
     steps = [
         ("prompts", *both(responses)),
         ("answered (non-empty)", *both(responses, lambda row: bool(row["response"].strip()))),
+        ("answer degenerate (loops, repeats itself or empty: never chosen)", *degenerate),
         ("judged harmful", *both(judgments, lambda row: row["label"] == 1)),
         ("judged harmless", *both(judgments, lambda row: row["label"] == 0)),
         ("judge abstained", *both(judgments, lambda row: row["label"] is None)),
@@ -209,7 +216,7 @@ def count_funnel(stages: dict[str, list[dict]], formed: list[dict], dropped: Cou
         ("revision a refusal (what the refusal detector alone would accept)", detector_would, None),
         ("no revision accepted", revised - accepted, None),
         ("judged harmless but a refusal (over-refusal)", None, over_refused),
-        ("helpful candidates (judged harmless, not a refusal)", None, len(refusals)),
+        ("helpful candidates (judged harmless, not a refusal, not degenerate)", None, len(refusals)),
         ("refusal written (the detector flags it)", None, sum(row["is_refusal"] for row in refusals)),
         ("pairs formed", *formed_by_type),
         ("degenerate pairs dropped", *dropped_by_type),
@@ -226,7 +233,26 @@ def count_funnel(stages: dict[str, list[dict]], formed: list[dict], dropped: Cou
         "attempts": attempts,
         "dropped": [{"reason": r, "pair_type": t, "count": n} for (r, t), n in sorted(dropped.items())],
         "kept": dict(zip(PAIR_TYPES, per_type(kept))),
+        # how the answers the adapters will learn from read: loops, token-limit hits, length (selfalign.quality)
+        "quality": {
+            "answers (red-team)": summarize_answers(_qualities(responses, "harmful")),
+            "answers (benign)": summarize_answers(_qualities(responses, "benign")),
+            **{
+                f"chosen ({pair_type} pairs)": summarize_answers(
+                    measure_answer(p["chosen"]) for p in kept if p["pair_type"] == pair_type
+                )
+                for pair_type in PAIR_TYPES
+            },
+        },  # fmt: skip
     }
+
+
+def _qualities(responses: list[dict], source: str) -> list[Any]:
+    return [
+        measure_answer(row["response"], row.get("finish_reason"), row.get("response_tokens"))
+        for row in responses
+        if row["source"] == source
+    ]
 
 
 def mix_summary(share: float, wanted: int, kept_helpful: int, kept: int) -> dict[str, Any]:
@@ -269,12 +295,12 @@ def one_sided(funnel: dict, config: PreferencesConfig) -> str | None:
             why += f", so helpful_mix={config.helpful_mix} keeps no helpful pair either"
         return why
     if funnel["helpful_mix"]["wanted"] > 0 and kept["helpful"] == 0:
-        candidates = steps["helpful candidates (judged harmless, not a refusal)"]["helpful"]
+        candidates = steps["helpful candidates (judged harmless, not a refusal, not degenerate)"]["helpful"]
         written = steps["refusal written (the detector flags it)"]["helpful"]
         benign = steps["prompts"]["helpful"]
         return (
             f"{kept['refusal']} refusal pairs but no helpful pair for helpful_mix={config.helpful_mix}: "
-            f"{candidates} of {benign} benign answers judged harmless by {judge} without a refusal, "
+            f"{candidates} of {benign} benign answers judged harmless by {judge}, not refusals and not degenerate, "
             f"{written} refusals written for them, {steps['pairs after cleaning']['helpful']} helpful pairs left "
             "after cleaning"
         )

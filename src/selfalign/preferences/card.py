@@ -8,6 +8,7 @@ from typing import Any
 
 from selfalign.errors import SelfAlignError
 from selfalign.preferences.config import PreferencesConfig
+from selfalign.quality import QUALITY_TABLE_HEADER, quality_table_rows
 
 COLUMN_DOCS = {
     "prompt": "the request, as written in its prompt set (not formatted for any model)",
@@ -68,6 +69,15 @@ def funnel_table(funnel: dict[str, Any]) -> list[str]:
     mix = funnel.get("helpful_mix")
     if mix and mix["shortfall"]:
         lines += ["", f"The helpful mix could not be met: {mix['note']}."]
+    if funnel.get("quality"):
+        lines += [
+            "",
+            "Answer quality (selfalign.quality: a loop is a word 4-gram or a sentence said 3+ times; "
+            "degenerate = empty, loops, or distinct-2 below 0.6 in 20+ words; 95% Wilson intervals):",
+            "",
+        ]
+        lines += ["| " + " | ".join(QUALITY_TABLE_HEADER) + " |", "|---|" + "---:|" * (len(QUALITY_TABLE_HEADER) - 1)]
+        lines += ["| " + " | ".join(row) + " |" for row in quality_table_rows(funnel["quality"])]
     return lines
 
 

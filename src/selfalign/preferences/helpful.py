@@ -19,6 +19,7 @@ from selfalign.preferences import judge_stage
 from selfalign.preferences.config import PreferencesConfig
 from selfalign.preferences.stages import HELPFUL, Models, open_stage, process_in_fixed_chunks, read_rows
 from selfalign.preferences.templates import join_prefix, load_refusal_template
+from selfalign.quality import measure_answer
 from selfalign.templating import render_template
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,12 @@ def settings(config: PreferencesConfig) -> dict[str, Any]:
 
 
 def is_candidate(row: dict[str, Any], detector: RefusalDetector) -> bool:
-    """A benign prompt answered without a refusal, and judged harmless (an abstention is not harmless)."""
-    return row["source"] == "benign" and row["label"] == 0 and not detector.detect(row["response"]).refused
+    """A benign prompt answered without a refusal, judged harmless (an abstention is not harmless), and not
+    degenerate: a looping answer would teach the loop, so it never becomes `chosen` (selfalign.quality)."""
+    return (
+        row["source"] == "benign" and row["label"] == 0 and not detector.detect(row["response"]).refused
+        and not measure_answer(row["response"]).is_degenerate
+    )  # fmt: skip
 
 
 def run(config: PreferencesConfig, judgments: Path, stage_dir: Path, models: Models | None = None) -> Path:

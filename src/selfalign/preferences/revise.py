@@ -25,6 +25,7 @@ from selfalign.preferences.templates import (
     load_revision_template,
     render_step,
 )
+from selfalign.quality import measure_answer
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,14 @@ def normalized(text: str) -> str:
 
 
 def why_unusable(original: str, revision: str) -> str | None:
-    """Why a revision cannot be `chosen` whatever the judge says, or None."""
+    """Why a revision cannot be `chosen` whatever the judge says, or None. A degenerate revision (it loops, or
+    repeats itself: selfalign.quality) is re-sampled at the next attempt like one the judge rejects."""
     if not revision.strip():
         return "empty"
-    return "same as original" if normalized(revision) == normalized(original) else None
+    if normalized(revision) == normalized(original):
+        return "same as original"
+    reason = measure_answer(revision).degenerate_reason
+    return f"degenerate ({reason})" if reason else None
 
 
 def why_not_accepted(original: str, revision: str, label: int | None) -> str | None:
