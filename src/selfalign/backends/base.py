@@ -27,6 +27,12 @@ class GenerationParams(StrictModel):
     temperature: float = Field(0.0, ge=0.0, description="0 is greedy; above 0 samples.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sampling only).")
     repetition_penalty: float = Field(1.0, gt=0.0, description="1.0 is off; the reference experiment used 1.15.")
+    no_repeat_ngram_size: int = Field(
+        0,
+        ge=0,
+        description="Never repeat a token n-gram of this size within the answer (0 is off; the prompt does not count). "
+        "transformers only: vLLM and OpenAI-compatible servers have no such option (use repetition_penalty).",
+    )
     stop: list[str] = Field(default_factory=list, description="Generation ends at the first of these strings.")
     seed: int = Field(0, description="Seed for sampling, so runs repeat.")
 

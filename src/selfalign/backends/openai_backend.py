@@ -210,6 +210,8 @@ class OpenAIBackend:
         }
         if params.stop:
             body["stop"] = list(params.stop)
+        if params.no_repeat_ngram_size:
+            raise SelfAlignError("openai backend: no_repeat_ngram_size is transformers-only; use repetition_penalty")
         if self.options.repetition_penalty_field:
             body[self.options.repetition_penalty_field] = params.repetition_penalty
         elif params.repetition_penalty != 1.0:

@@ -86,6 +86,7 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     repetition_penalty: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    no_repeat_ngram_size: Annotated[int, typer.Option(min=0, help="Ban repeating token n-grams (transformers).")] = 0,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable); added to the format's own.")] = None,
     seed: int = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
@@ -107,6 +108,7 @@ def generate(
             temperature=temperature,
             top_p=top_p,
             repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
             stop=list(stop or []),
             seed=seed,
         ),
@@ -226,6 +228,28 @@ def data_validate(
     from selfalign.data.loading import validate_rows
 
     typer.echo(validate_rows(path, [c.strip() for c in columns.split(",") if c.strip()]))
+
+
+@data_app.command("audit")
+def data_audit(
+    reference: Annotated[
+        str, typer.Argument(help="A labeled set: judge-labeled, builtin:NAME, or a file with a dev/test split column.")
+    ],
+    aim: Annotated[
+        float | None, typer.Option(help="Exit 1 when the cue classifier or the no-model rule scores above this.")
+    ] = None,
+) -> None:
+    """Measure how well style alone labels a judge set: a cue classifier and the no-model rule, fit on dev, scored
+    on test. A measurement, so it exits 0 unless --aim is given and exceeded."""
+    from selfalign.data.audit import audit_labeled, audit_lines
+
+    name = reference if ":" in reference or Path(reference).suffix else f"builtin:{reference}"
+    result = audit_labeled(name)
+    for line in audit_lines(result):
+        typer.echo(line)
+    if aim is not None and result.exceeds(aim):
+        typer.echo(f"{name}: above the aim: {'; '.join(result.exceeds(aim))}", err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:
