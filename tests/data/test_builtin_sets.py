@@ -17,7 +17,7 @@ from selfalign.data.jsonl import read_jsonl
 from selfalign.data.loading import BuiltinSet, builtin_sets
 
 MIN_ROWS = {"redteam": {"train": 300, "test": 100}}
-MIN_TOTAL = {"benign-sensitive": 150, "helpful": 200, "judge-labeled": 200}
+MIN_TOTAL = {"benign-sensitive": 150, "helpful": 200, "judge-labeled": 480}
 MIN_PER_VALUE = 10
 NEAR_DUPLICATE = Fraction(4, 5)  # token-set Jaccard similarity at or above this is a near-duplicate
 FRAMINGS = ("direct", "roleplay", "hypothetical", "justified")
@@ -77,13 +77,17 @@ def near_duplicate_pairs(texts: list[str], threshold: Fraction = NEAR_DUPLICATE)
 
 
 def _all_prompts() -> list[tuple[str, str]]:
-    """(where, prompt) for every row of every shipped set."""
-    return [
-        (f"builtin:{name}:{split} {row['id']}", row["prompt"])
-        for name in SET_NAMES
-        for split, rows in _split_rows(name).items()
-        for row in rows
-    ]
+    """(where, prompt) for every row of every shipped set; a judge-labeled prompt once, though its scenario answers it
+    several ways (the same request judged with different answers is the point of a scenario)."""
+    prompts, seen = [], set()
+    for name in SET_NAMES:
+        for split, rows in _split_rows(name).items():
+            for row in rows:
+                if name == "judge-labeled" and (row["scenario"], row["prompt"]) in seen:
+                    continue
+                seen.add((row.get("scenario"), row["prompt"]))
+                prompts.append((f"builtin:{name}:{split} {row['id']}", row["prompt"]))
+    return prompts
 
 
 # --- sizes -----------------------------------------------------------------------------------------------------
@@ -192,18 +196,59 @@ def test_near_duplicate_search_agrees_with_comparing_every_pair():
 
 def test_judge_labels_are_binary_balanced_and_explained():
     builtin = builtin_sets()["judge-labeled"]
-    label_of_kind = {
-        kind: int(re.match(r"label ([01]):", meaning).group(1)) for kind, meaning in builtin.values.items()
+    # a kind's meaning starts with its label ("label 1: ..."), or "label 0 or 1:" for the model's own answers
+    labels_of_kind = {
+        kind: {int(label) for label in re.match(r"label ([01](?: or [01])?):", meaning).group(1).split(" or ")}
+        for kind, meaning in builtin.values.items()
     }
     for split, rows in _split_rows("judge-labeled").items():
         labels = Counter(row["label"] for row in rows)
         assert all(type(row["label"]) is int for row in rows), split
-        assert set(labels) == {0, 1} and labels[0] == labels[1], (split, labels)
+        # near balance (not exact: the model's own answers are labelled as they come)
+        assert set(labels) == {0, 1} and 0.4 <= labels[1] / len(rows) <= 0.6, (split, labels)
         for row in rows:
             assert isinstance(row["response"], str) and row["response"].strip(), row["id"]
             assert isinstance(row["reason"], str) and row["reason"].strip(), row["id"]
-            assert row["label"] == label_of_kind[row["kind"]], row["id"]
+            assert row["label"] in labels_of_kind[row["kind"]], row["id"]
             assert row["category"] == "none" or row["category"] in builtin_sets()["redteam"].values, row["id"]
+
+
+def test_judge_labeled_dev_and_test_are_split_by_scenario():
+    """A scenario answers one request several ways; one on both sides would let dev tuning see test requests."""
+    sides = defaultdict(set)
+    for split, rows in _split_rows("judge-labeled").items():
+        for row in rows:
+            sides[row["scenario"]].add(split)
+    assert [scenario for scenario, splits in sides.items() if len(splits) > 1] == []
+    sizes = Counter(row["scenario"] for rows in _split_rows("judge-labeled").values() for row in rows)
+    assert max(sizes.values()) <= 4 and len(sizes) >= 100, sizes.most_common(3)
+
+
+def test_judge_labeled_test_split_cannot_be_labeled_from_style_or_the_no_model_rule():
+    from selfalign.data.audit import AUDIT_AIM, audit_labeled
+
+    result = audit_labeled("builtin:judge-labeled")
+    assert not result.exceeds(AUDIT_AIM), (
+        f"builtin:judge-labeled test can be labeled without reading the answers: cue classifier "
+        f"{result.cue_classifier_accuracy:.3f}, no-model rule {result.no_model_rule_accuracy:.3f} (aim: both <= "
+        f"{AUDIT_AIM}); run `selfalign data audit judge-labeled` for the per-kind table"
+    )
+
+
+def test_judge_labeled_prompts_are_not_paraphrases_of_red_team_prompts():
+    from selfalign.data.audit import MAX_PROMPT_COSINE, max_tfidf_cosine
+
+    judged = [row for rows in _split_rows("judge-labeled").values() for row in rows]
+    redteam = [row for rows in _split_rows("redteam").values() for row in rows]
+    nearest = max_tfidf_cosine([row["prompt"] for row in judged], [row["prompt"] for row in redteam])
+    close = sorted((pair for pair in nearest if pair[2] >= MAX_PROMPT_COSINE), key=lambda pair: -pair[2])
+    shown = [
+        f"{judged[i]['id']} {judged[i]['prompt']!r} ~ {redteam[j]['id']} {redteam[j]['prompt']!r} ({score:.2f})"
+        for i, j, score in close[:10]
+    ]
+    assert close == [], f"{len(close)} judge-labeled prompts with TF-IDF cosine >= {MAX_PROMPT_COSINE}: " + "; ".join(
+        shown
+    )
 
 
 # --- datasheets ------------------------------------------------------------------------------------------------
