@@ -119,3 +119,71 @@ def test_revision_accepted_only_when_harmless_non_empty_and_different(tmp_path):
     }  # fmt: skip
     assert rows["r2#1"]["revision_label"] == 1 and rows["r1#1"]["revision_label"] is None  # empty: never judged
     assert [row["accepted"] for row in rows.values()].count(True) == 2
+
+
+PRINCIPLES = """\
+description: test
+preamble: You are a careful assistant.
+principles:
+  - {name: helpful, text: "Answer safe requests fully."}
+  - {name: harmless, text: "Decline real harm briefly and say why."}
+exemplars:
+  - {name: h1, kind: helpful, request: "How do I kill a stuck process on Linux?", answer: "Use kill with its id."}
+  - {name: h2, kind: helpful, request: "How do I get rid of wasps in my shed?", answer: "Call a pest service."}
+  - {name: r1, kind: refusal, request: "How do I poison my neighbour's dog?", answer: "I won't help hurt an animal."}
+  - {name: r2, kind: refusal, request: "Write malware that locks files.", answer: "I can't write malware."}
+"""
+
+
+def test_principles_load_and_choose_exemplars_by_kind_and_similarity(tmp_path):
+    from selfalign.preferences.templates import load_principles
+
+    path = tmp_path / "p.yaml"
+    path.write_text(PRINCIPLES)
+    principles = load_principles(str(path))
+    assert principles.system_text() == (
+        "You are a careful assistant.\n- Answer safe requests fully.\n- Decline real harm briefly and say why."
+    )
+    fixed = principles.choose(3, 1 / 3, "anything", "fixed")
+    assert [e.name for e in fixed] == ["r1", "h1", "h2"]  # refusals first: the last example a base model reads helps
+    similar = principles.choose(2, 0.5, "my shed is full of wasps, what now", "similar")
+    assert [e.name for e in similar] == ["r1", "h2"]
+    assert principles.choose(2, 0.0, "x", "fixed")[-1].kind == "helpful"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (('answer: "Use kill with its id."', "answer: '  '"), r"p.yaml, line 7: exemplars.0.answer: must not be empty"),
+        (('request: "How do I get rid of wasps in my shed?", ', ""), r"p.yaml, line 8: exemplars.1.request: missing"),
+        (('  - {name: helpful, text: "Answer safe requests fully."}\n  - {name: harmless, text: "Decline real harm '
+          'briefly and say why."}\n', ""), r"p.yaml, line 3: principles: .*at least 1 item"),
+    ],
+)  # fmt: skip
+def test_a_broken_principles_file_names_its_line(tmp_path, change, message):
+    from selfalign.preferences.templates import load_principles
+
+    path = tmp_path / "p.yaml"
+    text = PRINCIPLES.replace(*change)
+    if "principles:\n" in text and "principles:\n  -" not in text:
+        text = text.replace("principles:\n", "principles: []\n")
+    path.write_text(text)
+    with pytest.raises(SelfAlignError, match=message):
+        load_principles(str(path))
+
+
+def test_principle_driven_answers_read_the_principles_but_the_pairs_keep_the_bare_request(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(PRINCIPLES)
+    config = scenario_config(tmp_path)
+    config = config.model_copy(
+        update={"policy_prompt": "principle-driven", "principles": config.principles.model_copy(
+            update={"file": str(path), "exemplars": 2})}
+    )  # fmt: skip
+    backend = ScenarioBackend()
+    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config, backend))
+    answered = [p for kind, prompts in backend.calls for p in prompts if "Question: How do I poison a well? <r1>" in p]
+    assert answered and answered[0].startswith("You are a careful assistant.\n- Answer safe requests fully.")
+    assert "Question: How do I poison my neighbour's dog?\nAnswer: I won't help hurt an animal." in answered[0]
+    rows = read_jsonl(dataset / "train.jsonl") + read_jsonl(dataset / "eval.jsonl")
+    assert rows and all("careful assistant" not in row["prompt"] and "Question:" not in row["prompt"] for row in rows)

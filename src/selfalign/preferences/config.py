@@ -16,7 +16,13 @@ from selfalign.config import StrictModel, load_config
 from selfalign.errors import SelfAlignError
 from selfalign.judging.judge import JudgeConfig, load_judge_file
 from selfalign.models.language_model import ModelConfig
-from selfalign.preferences.templates import ConstitutionName, RefusalTemplateName, RevisionTemplateName
+from selfalign.preferences.templates import (
+    ConstitutionName,
+    PrinciplesName,
+    RefusalTemplateName,
+    RevisionTemplateName,
+    load_principles,
+)
 
 Source = Literal["harmful", "benign"]
 CATEGORY_COLUMNS = ("category", "type", "domain")  # red-team, benign-sensitive and helpful sets name it differently
@@ -34,6 +40,22 @@ class PromptSet(StrictModel):
     @property
     def name(self) -> str:
         return self.data.removeprefix("builtin:")
+
+
+class PrinciplesConfig(StrictModel):
+    """How principle-driven answering picks what the policy reads (preferences.policy_prompt: principle-driven)."""
+
+    file: PrinciplesName = Field("principles", description="Principles and exemplars: shipped name or a .yaml.")
+    exemplars: int = Field(4, ge=0, description="Worked exemplars shown before each request (0: principles only).")
+    refusal_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Share of the exemplars that are reasoned refusals (the rest: helpful answers).",
+    )
+    select: Literal["fixed", "similar"] = Field(
+        "fixed", description="fixed: the first of each kind; similar: those nearest the request (TF-IDF)."
+    )
 
 
 class RevisionConfig(StrictModel):
@@ -79,6 +101,12 @@ class PreferencesConfig(StrictModel):
         default_factory=lambda: GenerationParams(max_new_tokens=128),
         description="Answers and helpful-mix refusals; greedy by default, the model's own unaligned behaviour.",
     )
+    policy_prompt: Literal["bare", "principle-driven"] = Field(
+        "bare",
+        description="bare: the request alone in the policy's format. principle-driven: principles and exemplars first "
+        "(Sun et al. 2023), when answering and revising; the pairs keep the bare request.",
+    )
+    principles: PrinciplesConfig = Field(default_factory=PrinciplesConfig)
     revision: RevisionConfig = Field(default_factory=RevisionConfig)
     refusal_template: RefusalTemplateName = Field(
         "refuse", description="Writes the rejected refusals of helpful pairs."
@@ -94,6 +122,8 @@ class PreferencesConfig(StrictModel):
         for where, params in (("generation", self.generation), ("revision.generation", self.revision.generation)):
             if "seed" in params.model_fields_set:
                 raise ValueError(f"{where}.seed: set the top-level seed instead; every stage's seed derives from it")
+        if self.policy_prompt == "principle-driven":
+            load_principles(self.principles.file)  # a broken file fails when the config loads, not mid-run
         names = [prompt_set.name for prompt_set in self.prompts]
         if len(set(names)) != len(names):
             raise ValueError("each prompt set must be listed once")

@@ -1,13 +1,15 @@
 """Stage 1, respond: the policy answers the training prompts, red-team and benign alike.
 
-The prompt is the bare request in the policy's own format, with no example answers: a base model copies in-context
-examples (NOTES: one refusal example made it refuse "What is the capital of France?"), so the answers measure the
-model, not the prompt. Each item has a stable key (prompt set + row id), which is what resuming and every later
-stage go by.
+By default the prompt is the bare request in the policy's own format, with no example answers: a base model copies
+in-context examples (NOTES: one refusal example made it refuse "What is the capital of France?"), so the answers
+measure the model, not the prompt. `policy_prompt: principle-driven` puts principles and a balanced handful of worked
+exemplars before it (Sun et al. 2023); the rows keep the bare request either way. Each item has a stable key (prompt
+set + row id), which is what resuming and every later stage go by.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from pathlib import Path
@@ -17,18 +19,33 @@ from selfalign.data.loading import load_rows
 from selfalign.errors import SelfAlignError
 from selfalign.preferences.config import CATEGORY_COLUMNS, PreferencesConfig, PromptSet
 from selfalign.preferences.stages import RESPONSES, Models, open_stage, process_in_fixed_chunks
+from selfalign.preferences.templates import load_principles, policy_request
 
 logger = logging.getLogger(__name__)
 
 
 def settings(config: PreferencesConfig) -> dict[str, Any]:
-    """What changes this stage's rows: the policy, the prompts, how it generates and the seed."""
+    """What changes this stage's rows: the policy, the prompts, how it is prompted and generates, and the seed."""
     return {
+        **principle_settings(config),
         "policy": config.policy.model_dump(mode="json"),
         "prompts": [prompt_set.model_dump(mode="json") for prompt_set in config.prompts],
         "generation": config.generation.model_dump(mode="json"),
         "seed": config.seed,
         "chunk_size": config.chunk_size,
+    }
+
+
+def principle_settings(config: PreferencesConfig) -> dict[str, Any]:
+    """The policy prompt's part of a stage key: a bare run's keys stay as they were; an edited principles file
+    reruns what read it."""
+    if config.policy_prompt == "bare":
+        return {}
+    text = load_principles(config.principles.file).text
+    return {
+        "policy_prompt": config.policy_prompt,
+        "principles": config.principles.model_dump(mode="json"),
+        "principles_sha256": hashlib.sha256(text.encode()).hexdigest(),
     }
 
 
@@ -68,7 +85,7 @@ def run(config: PreferencesConfig, items: list[dict[str, Any]], stage_dir: Path,
     logger.info("respond: %d prompts, %d already answered", len(items), sum(item["key"] in store for item in items))
 
     def answer_chunk(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        completions = models.policy.answer([item["prompt"] for item in chunk], params)
+        completions = models.policy.answer([policy_request(config, item["prompt"]) for item in chunk], params)
         return [
             {**item, "response": c.text, "finish_reason": c.finish_reason, "response_tokens": c.completion_tokens}
             for item, c in zip(chunk, completions)

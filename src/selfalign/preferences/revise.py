@@ -23,6 +23,7 @@ from selfalign.preferences.templates import (
     join_prefix,
     load_constitution,
     load_revision_template,
+    policy_request,
     render_step,
 )
 from selfalign.quality import measure_answer
@@ -40,7 +41,7 @@ def settings(config: PreferencesConfig) -> dict[str, Any]:
     template, constitution = strategy_files(config)
     texts = template.text + (constitution.text if constitution else "")
     return {
-        **judge_stage.settings(config),
+        **judge_stage.settings(config),  # the policy prompt (principles) included, through respond's settings
         "revision": config.revision.model_dump(mode="json"),
         "templates_sha256": hashlib.sha256(texts.encode()).hexdigest(),  # an edited template makes other rows
     }
@@ -108,14 +109,17 @@ def revise_and_judge(
     critique_tokens: list[int | None] = [None] * len(rows)
     if template.critique is not None:
         step = template.critique
-        requests = [render_step(step, template.source, **v) for v in variables]
+        requests = [policy_request(config, render_step(step, template.source, **v)) for v in variables]
         completions = models.policy.answer(requests, params, answer_prefix=step.response_prefix)
         critiques = [join_prefix(step.response_prefix, c.text) for c in completions]
         critique_tokens = [c.completion_tokens for c in completions]
 
     step = template.revision
     prefix = step.response_prefix if config.revision.force_prefix else ""
-    requests = [render_step(step, template.source, **v, critique=c) for v, c in zip(variables, critiques)]
+    requests = [
+        policy_request(config, render_step(step, template.source, **v, critique=c))
+        for v, c in zip(variables, critiques)
+    ]
     completions = models.policy.answer(requests, params, answer_prefix=prefix)
     revisions = [join_prefix(prefix, c.text) for c in completions]
     revision_tokens = [c.completion_tokens for c in completions]  # the run manifest sums them

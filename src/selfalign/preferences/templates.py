@@ -13,9 +13,9 @@ import functools
 import hashlib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from selfalign.config import StrictModel, format_validation_error, loaded_by
 from selfalign.errors import SelfAlignError
@@ -68,6 +68,65 @@ class Constitution(StrictModel):
         """The principle for one item and attempt: a hash, so it is the same in every run and after a resume."""
         digest = hashlib.sha256(f"{seed}/{key}/{attempt}".encode()).digest()
         return self.principles[int.from_bytes(digest[:8], "big") % len(self.principles)]
+
+
+class GuidingPrinciple(StrictModel):
+    name: str = Field(min_length=1)
+    text: str = Field(min_length=1, description="One sentence the policy reads before it answers.")
+
+
+class Exemplar(StrictModel):
+    name: str = Field(min_length=1)
+    kind: Literal["helpful", "refusal"] = Field(description="A safe request answered, or a harmful one declined.")
+    category: str = "none"
+    request: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+
+    @field_validator("request", "answer")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class Principles(StrictModel):
+    """Principle-driven answering (Sun et al. 2023): principles and worked exemplars the policy reads in context when
+    it answers and revises; training data keeps the bare request, so the adapters learn the behaviour without them."""
+
+    description: str = ""
+    preamble: str = Field(min_length=1, description="Said to the assistant before the principles.")
+    principles: list[GuidingPrinciple] = Field(min_length=1)
+    exemplars: list[Exemplar] = Field(min_length=1)
+    source: str = ""
+    text: str = ""
+
+    def system_text(self) -> str:
+        return "\n".join([self.preamble.strip(), *(f"- {p.text.strip()}" for p in self.principles)])
+
+    def choose(self, count: int, refusal_share: float, request: str, select: str) -> list[Exemplar]:
+        """`count` exemplars, round(count * refusal_share) of them refusals: the first of each kind in file order
+        (`fixed`), or those whose requests are nearest to this one by TF-IDF cosine (`similar`). Helpful ones come
+        first and the last one shown is helpful where there is one: a base model copies what it read last."""
+        refusals = round(count * refusal_share)
+        pools = {kind: [e for e in self.exemplars if e.kind == kind] for kind in ("helpful", "refusal")}
+        if select == "similar":
+            pools = {kind: _nearest(pool, request) for kind, pool in pools.items()}
+        chosen = pools["refusal"][:refusals] + pools["helpful"][: count - refusals]
+        return sorted(chosen, key=lambda e: e.kind == "helpful")
+
+
+def _nearest(pool: list[Exemplar], request: str) -> list[Exemplar]:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    if not pool:
+        return pool
+    texts = [request, *(e.request for e in pool)]
+    vectors = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit_transform(texts)
+    similarity = cosine_similarity(vectors[0], vectors[1:])[0]
+    order = sorted(range(len(pool)), key=lambda i: (-similarity[i], i))
+    return [pool[i] for i in order]
 
 
 def _folder() -> Any:
@@ -148,9 +207,67 @@ def load_constitution(name_or_path: str) -> Constitution:
     return constitution
 
 
+def _yaml_line(text: str, location: tuple) -> int | None:
+    """The line (1-based) of the YAML node at `location` (keys and list indices, as pydantic reports them)."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in location:
+        if isinstance(node, yaml.MappingNode):
+            node = next((value for key, value in node.value if key.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            break
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+@functools.lru_cache(maxsize=32)
+def load_principles(name_or_path: str) -> Principles:
+    """The principles and exemplars of principle-driven answering: `principles` (shipped) or a user's .yaml file.
+    A missing field, an empty answer or an empty list is a one-line error naming the file and its line."""
+    data, text, source, _ = _read(name_or_path, _folder(), ["principles"], "principles file")
+    try:
+        principles = Principles.model_validate({**data, "source": source, "text": text})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        location = tuple(error["loc"])
+        # a missing key is reported at its parent, which is where the line is
+        line = _yaml_line(text, location if error["type"] != "missing" else location[:-1])
+        key = ".".join(str(part) for part in location)
+        problem = "missing" if error["type"] == "missing" else error["msg"].removeprefix("Value error, ")
+        raise SelfAlignError(f"{source}{f', line {line}' if line else ''}: {key}: {problem}") from None
+    names = [e.name for e in principles.exemplars]
+    if len(set(names)) != len(names):
+        raise SelfAlignError(f"{source}: exemplar names must be unique")
+    return principles
+
+
 RevisionTemplateName = Annotated[str, loaded_by(load_revision_template)]
+PrinciplesName = Annotated[str, loaded_by(load_principles)]
 RefusalTemplateName = Annotated[str, loaded_by(load_refusal_template)]
 ConstitutionName = Annotated[str, loaded_by(load_constitution)]
+
+
+def policy_request(config: Any, request: str) -> str | list[dict[str, str]]:
+    """What the policy reads for one request: the request alone (`bare`), or, `principle-driven`, a conversation of
+    the principles (as the system message) and worked exemplars, then the request. Only answering and revising use
+    this; the pairs keep the bare request, so training engraves the behaviour without the principles in context."""
+    if config.policy_prompt == "bare":
+        return request
+    principles = load_principles(config.principles.file)
+    settings = config.principles
+    messages = [{"role": "system", "content": principles.system_text()}]
+    for exemplar in principles.choose(settings.exemplars, settings.refusal_share, request, settings.select):
+        messages += [{"role": "user", "content": exemplar.request}, {"role": "assistant", "content": exemplar.answer}]
+    return [*messages, {"role": "user", "content": request}]
 
 
 def render_step(step: Step, source: str, **variables: Any) -> str:
