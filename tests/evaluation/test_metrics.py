@@ -9,25 +9,47 @@ from selfalign.judging.judge import JudgeConfig
 CONFIG = SimpleNamespace(bootstrap_samples=500, seed=0, judge=JudgeConfig())
 
 
-def sample(variant, set_name, judge_label, refused, complies=1, category="c1"):
-    return {"variant": variant, "key": f"{set_name}:{id(object())}", "set": set_name, "prompt": "p", "answer": "a",
-            "category": category, "source": "harmful" if set_name == "harmful" else "benign",
+def sample(variant, set_name, judge_label, refused, complies=1, category="c1", key=None):
+    return {"variant": variant, "key": key or f"{set_name}:{id(object())}", "set": set_name, "prompt": "p",
+            "answer": "a", "category": category, "source": "harmful" if set_name == "harmful" else "benign",
             "judge_label": judge_label, "refused_detector": refused, "complies_label": complies,
             "completion_tokens": 10}  # fmt: skip
 
 
-def test_rate_and_interval_on_a_known_set():
-    result = rate_with_interval([True] * 30 + [False] * 10 + [None] * 5, samples=2000, seed=1)
+def test_rate_and_wilson_interval_on_a_known_set():
+    result = rate_with_interval([True] * 30 + [False] * 10 + [None] * 5)
     assert result["rate"] == pytest.approx(0.75)
     assert (result["count"], result["n"], result["abstained"]) == (30, 40, 5)
-    # binomial standard error sqrt(.75*.25/40) = 0.068: the 95% interval is about +-0.13
-    assert 0.59 < result["low"] < 0.66 and 0.84 < result["high"] < 0.90
+    # Wilson's 95% interval for 30/40, by its formula
+    assert result["low"] == pytest.approx(0.5980, abs=1e-3) and result["high"] == pytest.approx(0.8581, abs=1e-3)
 
 
-def test_constant_outcomes_have_a_degenerate_interval_and_no_decided_items_no_rate():
-    assert rate_with_interval([True] * 8) == {"rate": 1.0, "low": 1.0, "high": 1.0, "count": 8, "n": 8, "abstained": 0}
+def test_intervals_never_have_zero_width_at_0_and_100_percent():
+    none = rate_with_interval([False] * 40)
+    assert none["rate"] == 0.0 and none["low"] == 0.0 and none["high"] == pytest.approx(0.0876, abs=1e-3)
+    every = rate_with_interval([True] * 8)
+    assert (
+        every["rate"] == 1.0 and every["high"] == pytest.approx(1.0) and every["low"] == pytest.approx(0.676, abs=1e-3)
+    )
     empty = rate_with_interval([None, None])
     assert empty["rate"] is None and empty["abstained"] == 2
+
+
+def test_paired_difference_uses_the_same_prompts_and_mcnemar():
+    from selfalign.evaluation.statistics import paired_difference
+
+    variant = [True] * 30 + [False] * 10 + [None]
+    base = [False] * 36 + [True] * 4 + [True]
+    result = paired_difference(variant, base, samples=2000, seed=0)
+    # 40 prompts decided by both (the abstention is left out); 30 refused only by the variant, 4 only by the base
+    assert result["n"] == 40 and (result["variant_only"], result["base_only"]) == (30, 4)
+    assert result["difference"] == pytest.approx(26 / 40)
+    assert 0.4 < result["low"] < 0.65 < result["high"] <= 0.9
+    assert result["p_value"] < 1e-4
+    same = paired_difference([False] * 40, [False] * 40)
+    assert same["difference"] == 0 and same["p_value"] == 1.0 and same["low"] < 0 < same["high"]  # not [0, 0]
+    with pytest.raises(ValueError, match="same items"):
+        paired_difference([True], [True, False])
 
 
 def test_win_rate_counts_ties_as_half():
@@ -67,3 +89,21 @@ def test_metrics_on_hand_made_samples():
         "refused_and_judged_harmful": 0, "refused_and_judged_harmless": 2, "not_refused_and_judged_harmful": 2,
         "not_refused_and_judged_harmless": 1, "judge_abstained": 1,
     }  # fmt: skip
+
+
+def test_every_adapter_carries_its_paired_difference_from_the_base():
+    from selfalign.reporting.report import markdown_report
+
+    samples = [sample("base", "harmful", 1, False, key=f"h{i}") for i in range(10)]
+    samples += [sample("base", "benign", 0, False, key=f"b{i}") for i in range(10)]
+    samples += [sample("sft", "harmful", 0, i < 8, complies=0, key=f"h{i}") for i in range(10)]
+    samples += [sample("sft", "benign", 0, i < 3, key=f"b{i}") for i in range(10)]
+    metrics = compute_metrics(samples, {}, CONFIG)
+    assert "vs_base" not in metrics["models"]["base"]
+    paired = metrics["models"]["sft"]["vs_base"]
+    assert paired["refused_harmful_detector"]["difference"] == pytest.approx(0.8) and paired["harmless"]["n"] == 10
+    assert paired["over_refusal_detector"]["difference"] == pytest.approx(0.3)
+    report = markdown_report(metrics, samples, examples=0)
+    assert "Difference from the base on the same prompts" in report
+    assert "| sft | +100.0 [" in report and "pts, p=0.002 (n=10)" in report
+    assert "0.0% [0.0, 27.8]" in report  # the base's 0/10: Wilson, not [0.0, 0.0]

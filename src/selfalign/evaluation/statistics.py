@@ -1,4 +1,11 @@
-"""Rates with 95% bootstrap confidence intervals. Abstentions are their own count, never part of a rate."""
+"""Rates with 95% intervals that hold at 0% and 100%, and paired differences from the base model.
+
+A rate's interval is Wilson's score interval: a percentile bootstrap cannot leave 0% or 100% (0/40 printed as
+[0.0, 0.0], claiming a certainty it does not have), while Wilson's interval for 0/40 is [0, 8.8%]. An adapter is
+compared with the base on the same prompts, so its difference from the base is paired: a bootstrap that resamples
+prompts, with McNemar's exact test on the prompts where the two disagree. Abstentions are their own count, never part
+of a rate, and a paired difference uses only the prompts both decided.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +13,65 @@ from collections.abc import Sequence
 
 import numpy as np
 
+CONFIDENCE = 0.95
 
-def rate_with_interval(
-    outcomes: Sequence[bool | None], samples: int = 1000, seed: int = 0, confidence: float = 0.95
-) -> dict:
-    """Share of True among the decided outcomes (None = abstained), with a percentile bootstrap interval.
 
-    The bootstrap resamples the decided items with replacement; with no decided item every number is None.
-    """
-    decided = np.array([bool(o) for o in outcomes if o is not None], dtype=float)
-    abstained = sum(o is None for o in outcomes)
+def wilson_interval(count: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson's score interval for `count` successes in `n` trials (n > 0); never of zero width."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(count, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def rate_with_interval(outcomes: Sequence[bool | None], confidence: float = CONFIDENCE) -> dict:
+    """Share of True among the decided outcomes (None = abstained), with Wilson's interval; with no decided item
+    every number is None."""
+    decided = [bool(o) for o in outcomes if o is not None]
     result = {
         "rate": None,
         "low": None,
         "high": None,
-        "count": int(decided.sum()),
-        "n": int(decided.size),
-        "abstained": int(abstained),
+        "count": sum(decided),
+        "n": len(decided),
+        "abstained": sum(o is None for o in outcomes),
     }
-    if decided.size == 0:
+    if decided:
+        low, high = wilson_interval(result["count"], result["n"], confidence)
+        result.update(rate=result["count"] / result["n"], low=low, high=high)
+    return result
+
+
+def paired_difference(
+    variant: Sequence[bool | None], base: Sequence[bool | None], samples: int = 2000, seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> dict:  # fmt: skip
+    """Rate of `variant` minus rate of `base` on the same items (position i is one prompt in both), over the items
+    both decided: the difference, a paired percentile-bootstrap interval, and McNemar's exact p-value."""
+    from scipy.stats import binomtest
+
+    if len(variant) != len(base):
+        raise ValueError("paired_difference: both sides must hold the same items")
+    both = [(bool(v), bool(b)) for v, b in zip(variant, base) if v is not None and b is not None]
+    only_variant = sum(v and not b for v, b in both)
+    only_base = sum(b and not v for v, b in both)
+    result = {"difference": None, "low": None, "high": None, "n": len(both), "variant_only": only_variant,
+              "base_only": only_base, "p_value": None}  # fmt: skip
+    if not both:
+        return result
+    deltas = np.array([float(v) - float(b) for v, b in both])
+    result["difference"] = float(deltas.mean())
+    discordant = only_variant + only_base
+    result["p_value"] = float(binomtest(only_variant, discordant).pvalue) if discordant else 1.0
+    if discordant == 0:
+        # every prompt agrees: the bootstrap would give [0, 0]; Wilson's bound on the discordant share is honest
+        bound = wilson_interval(0, len(both), confidence)[1]
+        result.update(low=-bound, high=bound)
         return result
     rng = np.random.default_rng(seed)
-    means = rng.choice(decided, size=(samples, decided.size), replace=True).mean(axis=1)
+    means = rng.choice(deltas, size=(samples, deltas.size), replace=True).mean(axis=1)
     tail = (1 - confidence) / 2
-    result.update(
-        rate=float(decided.mean()), low=float(np.quantile(means, tail)), high=float(np.quantile(means, 1 - tail))
-    )
+    result.update(low=float(np.quantile(means, tail)), high=float(np.quantile(means, 1 - tail)))
     return result
 
 

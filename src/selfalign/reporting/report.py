@@ -16,6 +16,49 @@ def _pct(rate: dict) -> str:
     return f"{100 * rate['rate']:.1f}% [{100 * rate['low']:.1f}, {100 * rate['high']:.1f}]"
 
 
+def _pct_n(rate: dict) -> str:
+    """A rate with the n behind it: a category of 4 prompts should read as thin as it is."""
+    return "n/a" if rate.get("rate") is None else f"{_pct(rate)} (n={rate['n']})"
+
+
+def _difference(paired: dict) -> str:
+    """'+85.0 [72.5, 95.0] pts, p<0.001 (n=40)': a variant minus the base on the same prompts."""
+    if paired.get("difference") is None:
+        return "n/a"
+    p = paired["p_value"]
+    p_text = "p<0.001" if p < 0.001 else f"p={p:.3f}"
+    return (
+        f"{100 * paired['difference']:+.1f} [{100 * paired['low']:+.1f}, {100 * paired['high']:+.1f}] pts, "
+        f"{p_text} (n={paired['n']})"
+    )
+
+
+DIFFERENCE_RATES = {  # metrics key -> column of the paired-difference table
+    "harmless": "harmless (judge)",
+    "refused_harmful_detector": "refused harmful (detector)",
+    "over_refusal_detector": "over-refusal (detector)",
+    "over_refusal_judge": "over-refusal (judge)",
+}
+
+
+def difference_lines(metrics: dict) -> list[str]:
+    """Each adapter minus the base, prompt by prompt: paired bootstrap interval and McNemar's exact p-value."""
+    adapters = [v for v in metrics["variants"] if "vs_base" in metrics["models"][v]]
+    if not adapters:
+        return []
+    lines = [
+        "Difference from the base on the same prompts (percentage points; 95% paired bootstrap interval; McNemar's "
+        "exact test on the prompts where the two disagree):",
+        "",
+        "| model | " + " | ".join(DIFFERENCE_RATES.values()) + " |",
+        "|---|" + "---|" * len(DIFFERENCE_RATES),
+    ]
+    for variant in adapters:
+        paired = metrics["models"][variant]["vs_base"]
+        lines.append(f"| {variant} | " + " | ".join(_difference(paired[key]) for key in DIFFERENCE_RATES) + " |")
+    return lines
+
+
 def summary_rows(metrics: dict) -> list[list[str]]:
     rows = []
     for variant in metrics["variants"]:
@@ -51,12 +94,14 @@ def markdown_report(metrics: dict, samples: list[dict], examples: int) -> str:
         "# selfalign evaluation",
         "",
         f"Judge: `{metrics['judge']}`. Rates are shares of the items the judge or detector decided, with 95% "
-        f"bootstrap intervals ({metrics['bootstrap']['samples']} resamples); judge abstentions are counted apart "
-        "and never counted as harmless.",
+        "Wilson intervals (which hold at 0% and 100%); judge abstentions are counted apart and never counted as "
+        "harmless.",
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "---|" * len(HEADERS),
         *("| " + " | ".join(row) + " |" for row in summary_rows(metrics)),
+        "",
+        *difference_lines(metrics),
         "",
         "## Harmlessness by category (judge)",
         "",
@@ -64,7 +109,7 @@ def markdown_report(metrics: dict, samples: list[dict], examples: int) -> str:
     categories = sorted({c for v in metrics["variants"] for c in metrics["models"][v]["by_category"]["harmless"]})
     lines += ["| category | " + " | ".join(metrics["variants"]) + " |", "|---|" + "---|" * len(metrics["variants"])]
     for category in categories:
-        cells = [_pct(metrics["models"][v]["by_category"]["harmless"].get(category, {})) for v in metrics["variants"]]
+        cells = [_pct_n(metrics["models"][v]["by_category"]["harmless"].get(category, {})) for v in metrics["variants"]]
         lines.append(f"| {category} | " + " | ".join(cells) + " |")
     lines += ["", "## Where the refusal detector and the judge disagree", ""]
     keys = list(next(iter(metrics["models"].values()))["detector_vs_judge"])
@@ -226,7 +271,7 @@ def html_report(metrics: dict, samples: list[dict], examples: int) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>selfalign evaluation</title><style>{style}</style>"
         f"</head><body><h1>selfalign evaluation</h1><p>Judge: <code>{html.escape(metrics['judge'])}</code>. "
-        "Rates with 95% bootstrap intervals; judge abstentions counted apart.</p>"
+        "Rates with 95% Wilson intervals; judge abstentions counted apart.</p>"
         f"{table}{figures}<h2>Example answers</h2>{example_html}</body></html>\n"
     )
 

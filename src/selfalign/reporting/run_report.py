@@ -49,7 +49,7 @@ def _training_table(stages: list[tuple[str, Path]]) -> list[str]:
 
 def write_run_report(stage_folders: dict[str, Path], folder: Path) -> None:
     from selfalign.preferences.card import funnel_table
-    from selfalign.reporting.report import HEADERS, summary_rows
+    from selfalign.reporting.report import HEADERS, difference_lines, summary_rows
 
     lines = ["# selfalign run report", ""]
     evaluation = next((p for n, p in stage_folders.items() if n == "evaluate"), None)
@@ -58,12 +58,14 @@ def write_run_report(stage_folders: dict[str, Path], folder: Path) -> None:
         lines += [
             "## Harmlessness, over-refusal and helpfulness",
             "",
-            f"Judge: `{metrics['judge']}`; 95% bootstrap intervals; judge abstentions counted apart. "
+            f"Judge: `{metrics['judge']}`; 95% Wilson intervals; judge abstentions counted apart. "
             f"Full evaluation: `{evaluation / 'report.md'}` and `report.html` beside this file.",
             "",
             "| " + " | ".join(HEADERS) + " |",
             "|" + "---|" * len(HEADERS),
             *("| " + " | ".join(row) + " |" for row in summary_rows(metrics)),
+            "",
+            *difference_lines(metrics),
             "",
         ]
     if "tune-judge" in stage_folders:
