@@ -33,7 +33,9 @@ RATES = {
 BASE = "base"
 
 
-def compute_metrics(samples: list[dict], pairwise: dict[str, list[dict]], config: Any) -> dict:
+def compute_metrics(
+    samples: list[dict], pairwise: dict[str, list[dict]], config: Any, capability: dict[str, list[dict]] | None = None
+) -> dict:
     """Per variant: harmlessness and refusals on harmful prompts, over-refusal on benign ones, win-rates; every rate
     with Wilson's interval, and for every adapter its paired difference from the base on the same prompts."""
     boot = {"samples": config.bootstrap_samples, "seed": config.seed}
@@ -62,11 +64,29 @@ def compute_metrics(samples: list[dict], pairwise: dict[str, list[dict]], config
             entry["vs_base"] = {
                 name: _paired(by_set[where], base_rows, outcome, boot) for name, (where, outcome) in RATES.items()
             }
+        if capability and capability.get(variant):
+            entry["capability"] = _capability(capability[variant], capability.get(BASE), variant, boot)
         if variant in pairwise:
             entry["win_rate_vs_base"] = win_rate_with_interval([p["outcome"] for p in pairwise[variant]], **boot)
         if any("external_label" in s for s in rows):
             entry["external_judge_agreement"] = _agreement(harmful + benign)
         result["models"][variant] = entry
+    return result
+
+
+def _capability(records: list[dict], base: list[dict] | None, variant: str, boot: dict) -> dict:
+    """acc and acc_norm on the multiple-choice questions, chance, and (adapters) the paired difference from base."""
+    result = {
+        "acc": rate_with_interval([r["correct"] for r in records]),
+        "acc_norm": rate_with_interval([r["correct_norm"] for r in records]),
+        "chance": sum(1 / r["options"] for r in records) / len(records),
+    }
+    if variant != BASE and base:
+        by_key = {r["key"]: r for r in base}
+        matched = [(r, by_key[r["key"]]) for r in records if r["key"] in by_key]
+        for name, field in (("acc", "correct"), ("acc_norm", "correct_norm")):
+            result[f"{name}_vs_base"] = paired_difference([v[field] for v, _ in matched],
+                                                          [b[field] for _, b in matched], **boot)  # fmt: skip
     return result
 
 

@@ -6,6 +6,8 @@ Stages, each resumable item by item under the output folder:
    answers, a `complies` judge says whether each answer did what was asked, and the refusal detector gives its
    independent opinion;
 3. pairwise/<adapter>.jsonl: helpfulness of each adapter against the base on the helpful prompts, both orders;
+   capability/<variant>.jsonl: multiple-choice questions scored by log-likelihood (capability retained), while each
+   variant is loaded to answer;
 4. metrics.json, samples.jsonl, report.md and report.html, computed from those files alone.
 """
 
@@ -25,6 +27,7 @@ from selfalign.data.jsonl import write_jsonl_atomic, write_text_atomic
 from selfalign.data.loading import load_rows
 from selfalign.data.resumable import ResumableJsonl, process_resumably
 from selfalign.errors import SelfAlignError
+from selfalign.evaluation.capability import load_capability, score_choices
 from selfalign.evaluation.metrics import compute_metrics
 from selfalign.evaluation.pairwise import PairwiseTemplateName, compare_answers
 from selfalign.judging.judge import JudgeConfig, build_judge
@@ -45,6 +48,10 @@ class EvaluateConfig(StrictModel):
     )
     helpful: str | None = Field("builtin:helpful:test", description="Everyday prompts: pairwise helpfulness.")
     limit: int | None = Field(None, ge=1, description="At most this many prompts per set.")
+    capability: str | None = Field(
+        None, description="Multiple-choice questions (question, choices, answer): capability retained, acc/acc_norm."
+    )
+    capability_limit: int | None = Field(None, ge=1, description="At most this many multiple-choice questions.")
     generation: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=128))
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="How harmfulness is judged.")
     refusal_judge_template: JudgeTemplateName = Field(
@@ -103,22 +110,30 @@ def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "config.json", config.model_dump_json(indent=2) + "\n")
     items = load_prompt_sets(config)
+    questions = load_capability(config.capability, config.capability_limit) if config.capability else []
     variants = [BASE, *config.adapters]
 
-    # ---- 1. answers -------------------------------------------------------------------------------------------
-    answers = {}
+    # ---- 1. answers (and capability, while the variant is loaded) ---------------------------------------------
+    answers, capability = {}, {}
     for variant in variants:
         store = ResumableJsonl(out_dir / "answers" / f"{variant}.jsonl")
-        if len(store) < len(items):
+        scored = ResumableJsonl(out_dir / "capability" / f"{variant}.jsonl")
+        if len(store) < len(items) or len(scored) < len(questions):
             model = load_language_model(variant_config(config, variant))
             logger.info("answering %d prompts with %s", len(items), variant)
             answers[variant] = process_resumably(
                 items, store, lambda chunk, model=model: _answer(model, chunk, config), config.chunk_size
             )
+            if questions:
+                logger.info("scoring %d multiple-choice questions with %s", len(questions), variant)
+                capability[variant] = process_resumably(
+                    questions, scored, lambda chunk, model=model: score_choices(model, chunk), config.chunk_size
+                )
             del model
             gc.collect()
         else:
             answers[variant] = [store.get(item["key"]) for item in items]
+            capability[variant] = [scored.get(item["key"]) for item in questions]
 
     # ---- 2. judgments -----------------------------------------------------------------------------------------
     judge_model = load_language_model(config.judge.model or config.model)
@@ -165,7 +180,7 @@ def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
         for i, (answer, judgment) in enumerate(zip(answers[variant], judgments[variant]))
     ]
     write_jsonl_atomic(out_dir / "samples.jsonl", samples)
-    metrics = compute_metrics(samples, pairwise, config)
+    metrics = compute_metrics(samples, pairwise, config, capability)
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     from selfalign.reporting.report import write_report
 

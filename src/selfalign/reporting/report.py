@@ -41,6 +41,20 @@ DIFFERENCE_RATES = {  # metrics key -> column of the paired-difference table
 }
 
 
+def capability_lines(metrics: dict) -> list[str]:
+    """Multiple-choice accuracy per variant (lm-evaluation-harness's acc and acc_norm) beside chance."""
+    scored = [v for v in metrics["variants"] if "capability" in metrics["models"][v]]
+    if not scored:
+        return []
+    lines = ["## Capability retained (multiple choice, log-likelihood)", "",
+             "| model | acc | acc_norm | chance | questions |", "|---|---|---|---|---|"]  # fmt: skip
+    for variant in scored:
+        c = metrics["models"][variant]["capability"]
+        lines.append(f"| {variant} | {_pct(c['acc'])} | {_pct(c['acc_norm'])} | {100 * c['chance']:.1f}% | "
+                     f"{c['acc']['n']} |")  # fmt: skip
+    return [*lines, ""]
+
+
 def difference_lines(metrics: dict) -> list[str]:
     """Each adapter minus the base, prompt by prompt: paired bootstrap interval and McNemar's exact p-value."""
     adapters = [v for v in metrics["variants"] if "vs_base" in metrics["models"][v]]
@@ -53,9 +67,16 @@ def difference_lines(metrics: dict) -> list[str]:
         "| model | " + " | ".join(DIFFERENCE_RATES.values()) + " |",
         "|---|" + "---|" * len(DIFFERENCE_RATES),
     ]
+    has_capability = any("acc_norm_vs_base" in metrics["models"][v].get("capability", {}) for v in adapters)
+    if has_capability:
+        lines[2] = lines[2].rstrip() + " capability (acc_norm) |"
+        lines[3] += "---|"
     for variant in adapters:
         paired = metrics["models"][variant]["vs_base"]
-        lines.append(f"| {variant} | " + " | ".join(_difference(paired[key]) for key in DIFFERENCE_RATES) + " |")
+        cells = [_difference(paired[key]) for key in DIFFERENCE_RATES]
+        if has_capability:
+            cells.append(_difference(metrics["models"][variant].get("capability", {}).get("acc_norm_vs_base", {})))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -64,6 +85,7 @@ def summary_rows(metrics: dict) -> list[list[str]]:
     for variant in metrics["variants"]:
         m = metrics["models"][variant]
         win = _pct(m["win_rate_vs_base"]) if "win_rate_vs_base" in m else "(reference)"
+        capability = _pct(m["capability"]["acc_norm"]) if "capability" in m else "n/a"
         rows.append(
             [
                 variant,
@@ -72,6 +94,7 @@ def summary_rows(metrics: dict) -> list[list[str]]:
                 _pct(m["over_refusal_detector"]),
                 _pct(m["over_refusal_judge"]),
                 win,
+                capability,
                 f"{m['judge_abstained']['harmful']} / {m['judge_abstained']['benign']}",
             ]
         )
@@ -85,6 +108,7 @@ HEADERS = [
     "over-refusal (detector)",
     "over-refusal (judge: did not comply)",
     "helpful win-rate vs base",
+    "capability (acc_norm)",
     "judge abstained (harmful / benign)",
 ]
 
@@ -103,6 +127,7 @@ def markdown_report(metrics: dict, samples: list[dict], examples: int) -> str:
         "",
         *difference_lines(metrics),
         "",
+        *capability_lines(metrics),
         "## Harmlessness by category (judge)",
         "",
     ]
