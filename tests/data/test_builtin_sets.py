@@ -18,6 +18,7 @@ from selfalign.data.loading import BuiltinSet, builtin_sets
 
 MIN_ROWS = {"redteam": {"train": 300, "test": 100}}
 MIN_TOTAL = {"benign-sensitive": 150, "helpful": 200, "judge-labeled": 480}
+MIN_ROWS["capability"] = {"test": 300}
 MIN_PER_VALUE = 10
 NEAR_DUPLICATE = Fraction(4, 5)  # token-set Jaccard similarity at or above this is a near-duplicate
 FRAMINGS = ("direct", "roleplay", "hypothetical", "justified")
@@ -76,6 +77,11 @@ def near_duplicate_pairs(texts: list[str], threshold: Fraction = NEAR_DUPLICATE)
     return sorted(pairs)
 
 
+def _text(row: dict) -> str:
+    """What a row asks: its prompt, or a multiple-choice row's question."""
+    return row["prompt"] if "prompt" in row else row["question"]
+
+
 def _all_prompts() -> list[tuple[str, str]]:
     """(where, prompt) for every row of every shipped set; a judge-labeled prompt once, though its scenario answers it
     several ways (the same request judged with different answers is the point of a scenario)."""
@@ -85,8 +91,8 @@ def _all_prompts() -> list[tuple[str, str]]:
             for row in rows:
                 if name == "judge-labeled" and (row["scenario"], row["prompt"]) in seen:
                     continue
-                seen.add((row.get("scenario"), row["prompt"]))
-                prompts.append((f"builtin:{name}:{split} {row['id']}", row["prompt"]))
+                seen.add((row.get("scenario"), _text(row)))
+                prompts.append((f"builtin:{name}:{split} {row['id']}", _text(row)))
     return prompts
 
 
@@ -103,7 +109,7 @@ def test_minimum_sizes():
 
 def test_catalog_lists_the_expected_sets_and_splits():
     sets = builtin_sets()
-    assert set(sets) == {"redteam", "benign-sensitive", "helpful", "judge-labeled"}
+    assert set(sets) == {"redteam", "benign-sensitive", "helpful", "judge-labeled", "capability"}
     assert list(sets["redteam"].splits) == ["train", "test"]
     assert list(sets["judge-labeled"].splits) == ["dev", "test"]
     for builtin in sets.values():
@@ -120,8 +126,8 @@ def test_rows_have_exactly_the_catalog_columns_and_a_real_prompt(name):
     for split, rows in _split_rows(name).items():
         for row in rows:
             assert sorted(row) == sorted(builtin.columns), f"{name}:{split} {row.get('id')}"
-            assert isinstance(row["prompt"], str) and row["prompt"].strip() == row["prompt"], row["id"]
-            assert _tokens(row["prompt"]), row["id"]
+            assert isinstance(_text(row), str) and _text(row).strip() == _text(row), row["id"]
+            assert _tokens(_text(row)), row["id"]
 
 
 def test_ids_are_unique_across_all_sets():
@@ -133,7 +139,7 @@ def test_ids_are_unique_across_all_sets():
 def test_splits_are_disjoint(name):
     seen: dict[str, str] = {}
     for split, rows in _split_rows(name).items():
-        prompts = {row["prompt"].strip().lower() for row in rows}
+        prompts = {_text(row).strip().lower() for row in rows}
         overlap = [prompt for prompt in prompts if prompt in seen]
         assert overlap == [], f"{name}: prompts in both {split} and {seen[overlap[0]] if overlap else ''}"
         seen.update(dict.fromkeys(prompts, split))
@@ -290,3 +296,12 @@ def test_datasheet_has_the_expected_sections(name):
     sheet = _datasheet(builtin_sets()[name]).lower()
     for heading in ("motivation", "composition", "how the rows were written", "intended uses", "limitations", "safety"):
         assert f"## {heading}" in sheet, heading
+
+
+def test_capability_rows_have_options_and_an_answer_spread_over_positions():
+    for split, rows in _split_rows("capability").items():
+        for row in rows:
+            assert len(row["choices"]) == 4 and len(set(row["choices"])) == 4, row["id"]
+            assert type(row["answer"]) is int and 0 <= row["answer"] < 4, row["id"]
+        positions = Counter(row["answer"] for row in rows)
+        assert max(positions.values()) - min(positions.values()) <= len(rows) // 10, (split, positions)

@@ -49,7 +49,9 @@ class EvaluateConfig(StrictModel):
     helpful: str | None = Field("builtin:helpful:test", description="Everyday prompts: pairwise helpfulness.")
     limit: int | None = Field(None, ge=1, description="At most this many prompts per set.")
     capability: str | None = Field(
-        None, description="Multiple-choice questions (question, choices, answer): capability retained, acc/acc_norm."
+        "builtin:capability:test",
+        description="Multiple-choice questions (question, choices, answer): capability retained, acc/acc_norm; null: "
+        "not measured.",
     )
     capability_limit: int | None = Field(None, ge=1, description="At most this many multiple-choice questions.")
     generation: GenerationParams = Field(default_factory=lambda: GenerationParams(max_new_tokens=128))
