@@ -72,6 +72,22 @@ def test_repetition_penalty_changes_greedy_output(backend):
     assert plain != penalised
 
 
+def test_no_repeat_ngram_size_bans_repeats_within_the_answer_only(backend, monkeypatch):
+    decoded: list[list[int]] = []  # the generated token ids of every answer, as the backend decodes them
+    decode = backend.tokenizer.decode
+    monkeypatch.setattr(backend.tokenizer, "decode", lambda ids, **kw: decoded.append(list(ids)) or decode(ids, **kw))
+
+    def repeats(answers: list[list[int]]) -> int:
+        return sum(len(ids) - 1 - len(set(zip(ids, ids[1:]))) for ids in answers if len(ids) > 1)
+
+    backend.generate(PROMPTS, GenerationParams(max_new_tokens=24))
+    plain, decoded[:] = list(decoded), []
+    backend.generate(PROMPTS, GenerationParams(max_new_tokens=24, no_repeat_ngram_size=2))
+    # the tiny random model repeats itself at once; with the ban, no token bigram of an answer occurs twice
+    assert repeats(plain) > 0 and repeats(decoded) == 0
+    assert len(decoded) == len(PROMPTS)
+
+
 def test_score_equals_log_probabilities_from_a_full_forward_pass(loaded, backend):
     prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[3], PROMPTS[1]]
     continuations = [" Paris", " 1", " Use the kill command", " 0"]

@@ -256,7 +256,8 @@ def test_rows_that_disagree_on_a_type(tmp_path):
 
 
 def test_unknown_builtin_name_lists_the_available_sets():
-    with pytest.raises(SelfAlignError, match="available: benign-sensitive, capability, helpful, judge-labeled, redteam") as exc:
+    available = "available: benign-sensitive, capability, helpful, judge-labeled, redteam"
+    with pytest.raises(SelfAlignError, match=available) as exc:
         load_rows("builtin:red-team", ["prompt"])
     _one_line(exc)
     with pytest.raises(SelfAlignError, match="unknown builtin data set 'redteam-dev'"):

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from selfalign.backends.base import (
@@ -24,6 +25,7 @@ from selfalign.backends.base import (
     truncate_at_stop,
 )
 from selfalign.errors import SelfAlignError
+from selfalign.models.language_model import POOLINGS
 from selfalign.progress import progress_bar
 
 MIN_SHARED_PREFIX = 16  # tokens; below this a shared prefix is not worth its bookkeeping
@@ -33,6 +35,7 @@ MIN_SHARED_PREFIX = 16  # tokens; below this a shared prefix is not worth its bo
 class SharedPrefix:
     length: int
     cache: Any  # a DynamicCache holding the prefix, batch size 1
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer [1, length, hidden], when asked for
 
 
 class TransformersBackend:
@@ -77,8 +80,10 @@ class TransformersBackend:
         prefix: SharedPrefix | None,
     ) -> list[Completion]:
         logits, cache, attention_mask, position_ids = self._prefill(prompt_ids, prefix, logits_to_keep=1)
-        # prompt + generated tokens of the active rows, which the repetition penalty looks at
-        history = self._left_pad(prompt_ids)[0] if processors else None
+        # prompt + generated tokens of the active rows, which the repetition penalty looks at (the n-gram ban looks at
+        # the generated part only: an answer may repeat what its prompt said, e.g. a forced refusal prefix)
+        history = self._left_pad(prompt_ids)[0] if processors or params.no_repeat_ngram_size else None
+        prompt_width = history.shape[1] if history is not None else 0
         active = list(range(len(prompt_ids)))  # batch row -> index into prompt_ids
         generated: list[list[int]] = [[] for _ in prompt_ids]
         finish: list[str] = ["length"] * len(prompt_ids)
@@ -94,7 +99,7 @@ class TransformersBackend:
                     logits_to_keep=1,
                     **{self.cache_argument: cache},
                 ).logits
-            next_tokens = self._choose_tokens(history, logits[:, -1, :], params, processors, generator)
+            next_tokens = self._choose_tokens(history, prompt_width, logits[:, -1, :], params, processors, generator)
             keep: list[int] = []
             for row, token in enumerate(next_tokens.tolist()):
                 index = active[row]
@@ -126,9 +131,14 @@ class TransformersBackend:
         return [self._completion(prompt_ids[i], generated[i], texts[i], finish[i], params) for i in range(len(texts))]
 
     def _choose_tokens(
-        self, history: torch.Tensor, logits: torch.Tensor, params: GenerationParams, processors: Any, generator
-    ) -> torch.Tensor:
+        self, history: torch.Tensor, prompt_width: int, logits: torch.Tensor, params: GenerationParams,
+        processors: Any, generator,
+    ) -> torch.Tensor:  # fmt: skip
         scores = logits.float()
+        if params.no_repeat_ngram_size:
+            from transformers import NoRepeatNGramLogitsProcessor
+
+            scores = NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size)(history[:, prompt_width:], scores)
         if processors:
             scores = processors(history, scores)
         if params.temperature == 0:
@@ -194,9 +204,79 @@ class TransformersBackend:
             results.append(row_values)
         return results
 
+    # ---- hidden states ----------------------------------------------------------------------------------------
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def hidden_state_count(self) -> int:
+        """Entries of `output_hidden_states`: the embeddings (0), then one per layer (the last after the final norm)."""
+        return self.model.config.get_text_config().num_hidden_layers + 1
+
+    def hidden_states(
+        self, prompts: Sequence[str], spans: Sequence[tuple[int, int] | None], layers: Sequence[int] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Pooled hidden states of each prompt: {pooling: float32 array [prompt, layer, hidden]}, in input order.
+
+        Poolings, all read from one forward pass: `last` (the last token, where the next-token prediction is read),
+        `answer` (mean over the tokens overlapping the character span `spans[i]`, e.g. the answer a judge reads; the
+        last token where the span is None or covers none), `prompt` (mean over every token but special ones).
+        Batched, length-sorted and from the shared prefix's cache like `score`, so it costs what scoring costs.
+        `layers` index the `output_hidden_states` entries (default: all of them).
+        """
+        if len(spans) != len(prompts):
+            raise SelfAlignError(f"hidden_states: {len(prompts)} prompts but {len(spans)} spans")
+        count = self.hidden_state_count
+        chosen = list(range(count)) if layers is None else list(layers)
+        if any(not 0 <= layer < count for layer in chosen):
+            raise SelfAlignError(f"hidden_states: layers {chosen} out of range; this model has 0 to {count - 1}")
+        if not self.tokenizer.is_fast:
+            raise SelfAlignError("hidden_states: needs a fast tokenizer (character offsets of tokens)")
+        encoded = [
+            self.tokenizer(p, add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True)
+            for p in prompts
+        ]
+        ids = [e["input_ids"] for e in encoded]
+        order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
+        prefix = self._shared_prefix([ids[i] for i in order], with_hidden_states=True)
+        pooled = {name: np.zeros((len(prompts), len(chosen), self.hidden_size), np.float32) for name in POOLINGS}
+        with progress_bar("reading hidden states", total=len(prompts), enabled=self.show_progress, unit="seq") as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                for index, states in zip(batch, self._hidden_batch([ids[i] for i in batch], prefix, chosen)):
+                    for name, positions in _pooling_positions(encoded[index], spans[index]).items():
+                        pooled[name][index] = states[:, positions, :].mean(dim=1).numpy()
+                bar.advance(len(batch))
+        return pooled
+
+    @torch.inference_mode()
+    def _hidden_batch(
+        self, sequences: list[list[int]], prefix: SharedPrefix | None, layers: list[int]
+    ) -> list[torch.Tensor]:
+        """Per sequence, float32 [layer, token, hidden] over all its tokens (the shared prefix's included)."""
+        input_ids, full_mask, position_ids, cache = self._prefill_inputs(sequences, prefix)
+        output = self.model(
+            input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids, use_cache=prefix is not None,
+            logits_to_keep=1, output_hidden_states=True, **({self.cache_argument: cache} if prefix else {}),
+        )  # fmt: skip
+        shared = prefix.length if prefix else 0
+        rows = []
+        for row, sequence in enumerate(sequences):
+            own = len(sequence) - shared  # the row's own tokens sit at the right end of the left-padded batch
+            per_layer = []
+            for layer in layers:
+                states = output.hidden_states[layer][row, input_ids.shape[1] - own :]
+                if prefix is not None:
+                    states = torch.cat([prefix.hidden_states[layer][0], states])
+                per_layer.append(states.float().cpu())  # pool in float32, whatever the model's dtype
+            rows.append(torch.stack(per_layer))
+        return rows
+
     # ---- shared prompt prefixes ---------------------------------------------------------------------------------
 
-    def _shared_prefix(self, sequences: list[list[int]]) -> SharedPrefix | None:
+    def _shared_prefix(self, sequences: list[list[int]], with_hidden_states: bool = False) -> SharedPrefix | None:
         """The KV cache of the token prefix that every sequence of a call shares, computed once.
 
         Judge prompts repeat the same instructions and examples for every item: computing them once and only the
@@ -219,9 +299,10 @@ class TransformersBackend:
 
         cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
-            self.model(input_ids=torch.tensor([first[:length]], device=self.device), use_cache=True,
-                       logits_to_keep=1, **{self.cache_argument: cache})  # fmt: skip
-        return SharedPrefix(length, cache)
+            output = self.model(input_ids=torch.tensor([first[:length]], device=self.device), use_cache=True,
+                                logits_to_keep=1, output_hidden_states=with_hidden_states,
+                                **{self.cache_argument: cache})  # fmt: skip
+        return SharedPrefix(length, cache, output.hidden_states if with_hidden_states else None)
 
     def _prefill(
         self, sequences: list[list[int]], prefix: SharedPrefix | None, logits_to_keep: int
@@ -231,6 +312,21 @@ class TransformersBackend:
         Returns the last `logits_to_keep` logits, the cache, and the attention mask and position ids of the whole
         sequences (prefix included), ready for decoding to continue.
         """
+        input_ids, full_mask, position_ids, cache = self._prefill_inputs(sequences, prefix)
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{self.cache_argument: cache},
+        ).logits
+        return logits, cache, full_mask, position_ids
+
+    def _prefill_inputs(
+        self, sequences: list[list[int]], prefix: SharedPrefix | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """Left-padded input ids (after the prefix), the full attention mask, position ids, and a cache to fill."""
         from transformers import DynamicCache
 
         if prefix is None:
@@ -243,15 +339,7 @@ class TransformersBackend:
             cache.batch_repeat_interleave(len(sequences))
             full_mask = torch.cat([attention_mask.new_ones((len(sequences), prefix.length)), attention_mask], dim=-1)
         position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
-        logits = self.model(
-            input_ids=input_ids,
-            attention_mask=full_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-            **{self.cache_argument: cache},
-        ).logits
-        return logits, cache, full_mask, position_ids
+        return input_ids, full_mask, position_ids, cache
 
     # ---- helpers ----------------------------------------------------------------------------------------------
 
@@ -264,6 +352,17 @@ class TransformersBackend:
                 ids[row, width - len(sequence) :] = torch.tensor(sequence)
                 mask[row, width - len(sequence) :] = 1
         return ids.to(self.device), mask.to(self.device)
+
+
+def _pooling_positions(encoding: Any, span: tuple[int, int] | None) -> dict[str, list[int]]:
+    """Token positions each pooling averages over, from the tokenizer's character offsets."""
+    last = [len(encoding["input_ids"]) - 1]
+    plain = [i for i, special in enumerate(encoding["special_tokens_mask"]) if not special]
+    answer = []
+    if span is not None:
+        offsets, (start, end) = encoding["offset_mapping"], span
+        answer = [i for i in plain if offsets[i][0] < end and offsets[i][1] > start]
+    return {"last": last, "answer": answer or last, "prompt": plain or last}
 
 
 def _cache_argument_name(model: Any) -> str:

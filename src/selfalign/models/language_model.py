@@ -10,8 +10,12 @@ from pydantic import Field, SerializationInfo, field_serializer, model_validator
 
 from selfalign.backends.base import BACKENDS, Backend, Completion, GenerationParams
 from selfalign.config import StrictModel
+from selfalign.errors import SelfAlignError
 from selfalign.models.formats import AUTO, Message, PromptFormat, get_prompt_format
 from selfalign.models.references import DEFAULT_MODEL
+
+Pooling = Literal["last", "answer", "prompt"]
+POOLINGS: tuple[Pooling, ...] = ("last", "answer", "prompt")  # how hidden states become one vector per input
 
 
 class ModelConfig(StrictModel):
@@ -67,9 +71,54 @@ class LanguageModel:
     ) -> list[float]:
         return self.backend.score([self.render(request, answer_prefix) for request in requests], continuations)
 
+    def hidden_states(
+        self, requests: Sequence[str], answers: Sequence[str], layers: Sequence[int] | None = None,
+        answer_prefix: str = "",
+    ) -> dict[Pooling, Any]:  # fmt: skip
+        """Pooled hidden states of each rendered request, {pooling: float32 numpy [request, layer, hidden]}, from one
+        forward pass; `answers[i]` is the text in request i (its last occurrence) that `answer` pooling averages."""
+        backend = self._hidden_state_backend()
+        rendered = [self.render(request, answer_prefix) for request in requests]
+        spans = [_answer_span(text, request, answer) for text, request, answer in zip(rendered, requests, answers)]
+        return backend.hidden_states(rendered, spans, layers)
+
+    @property
+    def has_hidden_states(self) -> bool:
+        return hasattr(self.backend, "hidden_states")
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden_state_backend().hidden_size
+
+    @property
+    def hidden_state_count(self) -> int:
+        """How many hidden states a forward pass gives: the embeddings, then one per layer."""
+        return self._hidden_state_backend().hidden_state_count
+
+    def _hidden_state_backend(self) -> Any:
+        if not self.has_hidden_states:
+            raise SelfAlignError(
+                f"the probe judge needs the transformers backend (hidden states); this model uses '{self.backend.name}'"
+            )
+        return self.backend
+
     def count_tokens(self, text: str) -> int | None:
         """Tokens of a rendered input, where the backend has a local tokenizer."""
         return len(self.prompt_format.encode(text)) if self.prompt_format.tokenizer is not None else None
+
+
+def _answer_span(rendered: str, request: str, answer: str) -> tuple[int, int] | None:
+    """Character span of `answer` in the rendered input: its last occurrence inside the request, where the prompt
+    format kept the request verbatim (so a short answer cannot match the format's own text), else in the whole."""
+    answer = answer.strip()
+    if not answer:
+        return None
+    offset = rendered.find(request)
+    start = request.rfind(answer) if offset >= 0 else -1
+    start = offset + start if start >= 0 else rendered.rfind(answer)
+    if start < 0:
+        raise SelfAlignError("hidden_states: an answer does not occur in the rendered request it belongs to")
+    return start, start + len(answer)
 
 
 def load_language_model(config: ModelConfig) -> LanguageModel:
