@@ -107,3 +107,15 @@ def test_every_adapter_carries_its_paired_difference_from_the_base():
     assert "Difference from the base on the same prompts" in report
     assert "| sft | +100.0 [" in report and "pts, p=0.002 (n=10)" in report
     assert "0.0% [0.0, 27.8]" in report  # the base's 0/10: Wilson, not [0.0, 0.0]
+
+
+def test_every_variant_reports_how_its_answers_read():
+    looping = "I will go home now. I will go home now. I will go home now."
+    samples = [{**sample("base", "harmful", 0, False, key=f"h{i}"), "answer": looping if i < 3 else "A plain answer.",
+                "finish_reason": "length" if i < 3 else "stop"} for i in range(10)]  # fmt: skip
+    metrics = compute_metrics(samples, {}, CONFIG)
+    quality = metrics["models"]["base"]["answer_quality"]
+    assert quality["loops"]["count"] == 3 and quality["hit_token_limit"]["count"] == 3 and quality["n"] == 10
+    from selfalign.reporting.report import markdown_report
+
+    assert "## Answer quality" in markdown_report(metrics, samples, examples=0)

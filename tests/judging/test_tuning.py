@@ -160,3 +160,14 @@ def test_when_no_design_beats_the_rule_on_dev_the_rule_judges_and_says_so(tmp_pa
     assert summary["best"] == "no-model-rule" and summary["beats_rule"] is False
     assert JudgeConfig.model_validate(yaml.safe_load((tmp_path / "out" / "judge.yaml").read_text())).design == "rule"
     assert "No judge design beat the no-model rule on dev" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_labeled_file_without_source_names_the_field_when_the_composite_needs_it(model, tmp_path):
+    rows = [{"prompt": f"p{n}", "response": "r", "label": n % 2, "split": s} for s in ("dev", "test") for n in range(8)]
+    labeled = str(write_labeled(tmp_path, rows))
+    with pytest.raises(SelfAlignError, match=r"labeled.jsonl: field 'source' .*set composite: false"):
+        tune_judge(TuneJudgeConfig(labeled=labeled, modes=["logprob"]), tmp_path / "out", model=model)
+    config = TuneJudgeConfig(labeled=labeled, modes=["logprob"], templates=["one-shot"], ensemble=[], composite=False)
+    summary = tune_judge(config, tmp_path / "out", model=model)
+    assert summary["rule"] is None and summary["beats_rule"] is None  # no source: no rule to measure, and it says so
+    assert "has no `source` column" in (tmp_path / "out" / "results.md").read_text()

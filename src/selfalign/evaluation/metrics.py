@@ -6,6 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from selfalign.evaluation.statistics import paired_difference, rate_with_interval, win_rate_with_interval
+from selfalign.quality import measure_answer, summarize_answers
 
 
 def _judged_harmless(sample: dict) -> bool | None:
@@ -59,6 +60,10 @@ def compute_metrics(
             "by_category": {name: _by_category(by_set[where], outcome) for name, (where, outcome) in RATES.items()},
             "detector_vs_judge": _disagreement(harmful + benign),
             "mean_answer_tokens": sum(s["completion_tokens"] for s in rows) / len(rows) if rows else 0,
+            # loops, empty answers, token-limit hits and length of every answer this variant gave (selfalign.quality)
+            "answer_quality": summarize_answers(
+                measure_answer(s["answer"], s.get("finish_reason"), s.get("completion_tokens")) for s in rows
+            ),
         }
         if variant != BASE and base_rows:
             entry["vs_base"] = {

@@ -128,6 +128,11 @@ def tune_judge(config: TuneJudgeConfig, out_dir: Path, model: LanguageModel | No
     """Run the comparison, write results.json, results.md, results.png, samples.jsonl and judge.yaml."""
     dev = load_labeled(config.labeled, config.dev_split, config.limit)
     test = load_labeled(config.labeled, config.test_split, config.limit)
+    if config.composite and (dev.sources is None or test.sources is None):
+        raise SelfAlignError(
+            f"{config.labeled}: field 'source' (harmful or benign) missing or invalid in some rows: the composite "
+            "judge and the no-model rule need it; add it to every row, or set composite: false"
+        )
     model = model or load_language_model(config.model)
     _warm_up(model)
 

@@ -41,6 +41,27 @@ DIFFERENCE_RATES = {  # metrics key -> column of the paired-difference table
 }
 
 
+def quality_lines(metrics: dict) -> list[str]:
+    """How every variant's answers read: loops, empty answers, token-limit hits, length (selfalign.quality)."""
+    from selfalign.quality import QUALITY_TABLE_HEADER, quality_table_rows
+
+    summaries = {v: metrics["models"][v]["answer_quality"] for v in metrics["variants"]
+                 if "answer_quality" in metrics["models"][v]}  # fmt: skip
+    if not summaries:
+        return []
+    return [
+        "## Answer quality",
+        "",
+        "A loop is a word 4-gram or a sentence said 3+ times; degenerate = empty, loops, or distinct-2 below 0.6 in "
+        "20+ words; 95% Wilson intervals.",
+        "",
+        "| " + " | ".join(QUALITY_TABLE_HEADER) + " |",
+        "|---|" + "---:|" * (len(QUALITY_TABLE_HEADER) - 1),
+        *("| " + " | ".join(row) + " |" for row in quality_table_rows(summaries)),
+        "",
+    ]
+
+
 def capability_lines(metrics: dict) -> list[str]:
     """Multiple-choice accuracy per variant (lm-evaluation-harness's acc and acc_norm) beside chance."""
     scored = [v for v in metrics["variants"] if "capability" in metrics["models"][v]]
@@ -128,6 +149,7 @@ def markdown_report(metrics: dict, samples: list[dict], examples: int) -> str:
         *difference_lines(metrics),
         "",
         *capability_lines(metrics),
+        *quality_lines(metrics),
         "## Harmlessness by category (judge)",
         "",
     ]
