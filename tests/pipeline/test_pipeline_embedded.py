@@ -26,6 +26,7 @@ TINY = [
     "training.settings.max_steps=2",
     "training.settings.max_length=128",
     "evaluation.limit=4",
+    "evaluation.capability_limit=8",
     "evaluation.generation.max_new_tokens=16",
     "evaluation.bootstrap_samples=200",
 ]
