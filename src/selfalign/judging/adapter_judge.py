@@ -50,8 +50,13 @@ ATTACHED = "_selfalign_judge_adapters"  # on the shared network: {(weights file,
 
 
 class JudgeAdapterSettings(StrictModel):
-    """How the judge adapter is trained. The defaults fit the embedded 270M model on 2 CPU cores in about a minute
-    (one epoch over the 126 dev items of the shipped labeled set)."""
+    """How the judge adapter is trained: one epoch over the dev items, batch 4, a small LoRA.
+
+    Cost on the 2-core CPU machine (embedded 270M model, fp32, prompts of ~220 tokens): 11-15 s per step, 35-60 s
+    when the machine is shared; the demo's tune-judge (3/4 of 160 dev items: 29 steps) took 327 s, an epoch over 3/4
+    of all 256 v2 dev items (48 steps) 10 minutes or more. About 70% of a step is TRL's fused LM head, which on devices
+    without Triton (CPUs) projects every position through the 262k-token vocabulary, not only the label positions the
+    loss reads."""
 
     template: JudgeTemplateName = Field(
         "zero-shot", description="Judge template the adapter is trained and read with (the shortest is the cheapest)."
