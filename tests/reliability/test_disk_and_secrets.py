@@ -183,6 +183,8 @@ def test_no_secret_reaches_a_log_manifest_report_or_dataset_card(tmp_path, monke
             "tune_judge.modes=[logprob]",
             "tune_judge.templates=[one-shot]",
             "tune_judge.ensemble=[one-shot]",
+            "use_tuned_judge=false",  # the rule judges: a judge chosen on 4 scripted items can accept no revision
+            "judge.design=rule",
             "preferences.prompts=[{data: 'builtin:redteam:train', source: harmful, limit: 4},"
             " {data: 'builtin:helpful:train', source: benign, limit: 4}]",
             "evaluation.limit=3",

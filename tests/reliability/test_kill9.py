@@ -67,6 +67,10 @@ RUN_CONFIG = {
     },
     "tune_judge": {"limit": 4, "modes": ["logprob"], "templates": ["one-shot", "complies"],
                    "ensemble": ["one-shot", "complies"]},
+    # tune-judge runs (and is killed) like every stage, but the stages judge with the no-model rule: a judge chosen on
+    # 4 scripted items may judge every revision harmful, and then the preferences stage rightly stops with no pairs
+    "use_tuned_judge": False,
+    "judge": {"design": "rule"},
     "preferences": {
         "prompts": [
             {"data": "builtin:redteam:train", "source": "harmful", "limit": 6},

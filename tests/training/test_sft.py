@@ -92,3 +92,18 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, pai
     final = {run["per_step"][-1]["step"]: run["per_step"][-1]["loss"] for run in (resumed, straight)}
     assert list(final) == [4]
     assert resumed["per_step"][-1]["loss"] == pytest.approx(straight["per_step"][-1]["loss"], rel=1e-4)
+
+
+def test_a_half_written_checkpoint_is_passed_over_when_resuming(tmp_path):
+    from types import SimpleNamespace
+
+    from selfalign.training.common import last_checkpoint
+
+    for step, complete in ((2, True), (4, True), (6, False)):  # kill -9 while checkpoint-6 was being saved
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    args, config = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(resume=True)
+    assert last_checkpoint(args, config) == str(tmp_path / "checkpoint-4")
+    assert last_checkpoint(args, SimpleNamespace(resume=False)) is None

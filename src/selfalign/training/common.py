@@ -132,16 +132,28 @@ def trainer_arguments(config_class: type, config: TrainingConfig, out: Path, lea
 
 
 def last_checkpoint(args: Any, config: TrainingConfig) -> str | None:
-    """Where an interrupted run left off (transformers' get_last_checkpoint), or None to start afresh."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """Where an interrupted run left off: the newest complete checkpoint, or None to start afresh.
+
+    transformers' get_last_checkpoint takes the newest `checkpoint-N` folder even when a kill -9 stopped its saving
+    halfway (the trainer writes trainer_state.json last, and resuming from a folder without it fails), so folders
+    without it are passed over; training then redoes those steps and saves them again."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     folder = Path(args.output_dir)
     if not config.resume or not folder.is_dir():
         return None
-    checkpoint = get_last_checkpoint(str(folder))
-    if checkpoint:
-        logger.info("resuming from %s", checkpoint)
-    return checkpoint
+    steps = {
+        int(path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")): path
+        for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if path.is_dir() and path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-").isdigit()
+    }
+    complete = [steps[step] for step in sorted(steps, reverse=True) if (steps[step] / "trainer_state.json").is_file()]
+    if len(complete) < len(steps):
+        logger.info("passing over %d checkpoint(s) a stopped run left half-written", len(steps) - len(complete))
+    if complete:
+        logger.info("resuming from %s", complete[0])
+        return str(complete[0])
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------- data
