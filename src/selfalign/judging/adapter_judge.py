@@ -34,7 +34,7 @@ from selfalign.config import StrictModel
 from selfalign.data.jsonl import write_text_atomic
 from selfalign.errors import SelfAlignError
 from selfalign.judging.judge import LABEL_CONTINUATIONS, JudgeConfig, Judgment, Source, TemplateJudge
-from selfalign.judging.probe import render_judge_prompts
+from selfalign.judging.probe import check_class_counts, render_judge_prompts
 from selfalign.judging.templates import JudgeTemplate, JudgeTemplateName, load_template
 from selfalign.models.language_model import LanguageModel
 from selfalign.training.config import LoraSettings
@@ -82,15 +82,6 @@ class AdapterTraining:
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
-
-
-def check_class_counts(labels: Sequence[int], labeled: str) -> None:
-    harmful, harmless = sum(1 for y in labels if y == 1), sum(1 for y in labels if y == 0)
-    if min(harmful, harmless) < MIN_ITEMS_PER_CLASS:
-        raise SelfAlignError(
-            f"{labeled}: label: the adapter judge needs at least {MIN_ITEMS_PER_CLASS} training items of each label, "
-            f"got {harmful} with label 1 and {harmless} with label 0"
-        )
 
 
 def adapter_template(name: str) -> JudgeTemplate:
@@ -145,7 +136,7 @@ def train_judge_adapter(
     from selfalign.training.common import load_base_model, lora_config, trainer_arguments, training_metrics
 
     settings = settings or JudgeAdapterSettings()
-    check_class_counts(labels, labeled)
+    check_class_counts(labels, labeled, "adapter judge", MIN_ITEMS_PER_CLASS)
     template = adapter_template(settings.template)
     examples = judge_examples(model, template, prompts, responses, labels)
     training = _training_config(model, settings, longest=max(len(ids) for ids in examples["input_ids"]))

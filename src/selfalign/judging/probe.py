@@ -108,11 +108,13 @@ def _pipeline(regularization: float):
     return make_pipeline(StandardScaler(), LogisticRegression(C=regularization, max_iter=5000))
 
 
-def check_class_counts(labels: Sequence[int], labeled: str) -> None:
+def check_class_counts(labels: Sequence[int], labeled: str, design: str = "probe",
+                       minimum: int = MIN_ITEMS_PER_CLASS) -> None:  # fmt: skip
+    """A trained judge design (the probe, the adapter) needs `minimum` items of each label: one-line error if not."""
     harmful, harmless = sum(1 for y in labels if y == 1), sum(1 for y in labels if y == 0)
-    if min(harmful, harmless) < MIN_ITEMS_PER_CLASS:
+    if min(harmful, harmless) < minimum:
         raise SelfAlignError(
-            f"{labeled}: label: the probe needs at least {MIN_ITEMS_PER_CLASS} dev items of each label to fit, "
+            f"{labeled}: label: the {design} needs at least {minimum} training items of each label, "
             f"got {harmful} with label 1 and {harmless} with label 0"
         )
 
