@@ -23,9 +23,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest
 
 from selfalign.errors import SelfAlignError
+from selfalign.evaluation.statistics import wilson_interval
 
 # A phrase said twice can be emphasis or a list ("Step 1 ... Step 2"); the same four words three times in an answer of
 # ~48 tokens is a loop (the issue's definition). On 40 greedy 48-token answers of the embedded model, the 11 with a
@@ -135,8 +135,8 @@ def rate_with_wilson(count: int, n: int) -> dict:
     with n = 0 the rate and interval are None."""
     if n == 0:
         return {"rate": None, "low": None, "high": None, "count": 0, "n": 0}
-    interval = binomtest(count, n).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
-    return {"rate": count / n, "low": float(interval.low), "high": float(interval.high), "count": count, "n": n}
+    low, high = wilson_interval(count, n, CONFIDENCE)
+    return {"rate": count / n, "low": low, "high": high, "count": count, "n": n}
 
 
 def summarize_answers(qualities: Iterable[AnswerQuality]) -> dict:
