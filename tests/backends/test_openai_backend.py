@@ -84,6 +84,8 @@ def test_requests_carry_the_sampling_settings(serve):
     assert "repetition_penalty" not in server.requests[-1].body
     with pytest.raises(SelfAlignError, match="repetition_penalty needs options.repetition_penalty_field"):
         openai.generate(["x"], GenerationParams(repetition_penalty=1.2))
+    with pytest.raises(SelfAlignError, match=r"no_repeat_ngram_size is transformers-only; send .* options\.extra_body"):
+        openai.generate(["x"], GenerationParams(no_repeat_ngram_size=4))
 
 
 def test_stop_strings_are_cut_even_where_the_server_keeps_them(serve):

@@ -106,6 +106,8 @@ def test_stop_strings_and_per_item_seeds(fake_vllm, tiny_model_dir, tokenizer):
     )
     sampled = backend.generate(PROMPTS[:3], GenerationParams(temperature=0.8, seed=10))
     assert [field(c.text, "seed") for c in sampled] == ["10", "11", "12"]  # seed + item index, whatever the split
+    with pytest.raises(SelfAlignError, match="no_repeat_ngram_size is transformers-only"):
+        backend.generate(PROMPTS[:1], GenerationParams(no_repeat_ngram_size=4))
 
 
 def test_score_sums_prompt_log_probabilities_of_the_continuation(fake_vllm, tiny_model_dir, tokenizer):

@@ -75,10 +75,11 @@ def test_builtin_split_written_either_way_is_the_same():
 def test_builtin_without_split_is_every_split_with_a_split_column():
     dataset = load_rows("builtin:redteam", ["prompt"])
     train = read_reference_rows("builtin:redteam:train")
+    dev = read_reference_rows("builtin:redteam:dev")
     test = read_reference_rows("builtin:redteam:test")
-    assert len(dataset) == len(train) + len(test)
-    assert {"id", "prompt", "category", "framing", "split"} <= set(dataset.column_names)
-    assert dataset["split"] == ["train"] * len(train) + ["test"] * len(test)
+    assert len(dataset) == len(train) + len(dev) + len(test)
+    assert {"id", "prompt", "category", "difficulty", "split"} <= set(dataset.column_names)
+    assert dataset["split"] == ["train"] * len(train) + ["dev"] * len(dev) + ["test"] * len(test)
 
 
 @pytest.mark.parametrize("name", sorted(builtin_sets()))
@@ -260,13 +261,13 @@ def test_unknown_builtin_name_lists_the_available_sets():
     with pytest.raises(SelfAlignError, match=available) as exc:
         load_rows("builtin:red-team", ["prompt"])
     _one_line(exc)
-    with pytest.raises(SelfAlignError, match="unknown builtin data set 'redteam-dev'"):
-        load_rows("builtin:redteam-dev", ["prompt"])
+    with pytest.raises(SelfAlignError, match="unknown builtin data set 'redteam-val'"):
+        load_rows("builtin:redteam-val", ["prompt"])
 
 
 def test_unknown_split_lists_the_splits():
-    with pytest.raises(SelfAlignError, match="builtin:redteam has no split 'dev'; splits: train, test") as exc:
-        load_rows("builtin:redteam:dev", ["prompt"])
+    with pytest.raises(SelfAlignError, match="builtin:redteam has no split 'val'; splits: train, dev, test") as exc:
+        load_rows("builtin:redteam:val", ["prompt"])
     _one_line(exc)
     with pytest.raises(SelfAlignError, match="splits: dev, test"):
         load_rows("builtin:judge-labeled:train", ["prompt"])

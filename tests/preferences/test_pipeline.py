@@ -26,6 +26,9 @@ def test_funnel_numbers_on_the_hand_made_scenario(scenario, tmp_path):
         # the forced refusal prefix makes every usable revision a refusal, r3's included: the judge is what decides
         "revision a refusal (what the refusal detector alone would accept)": (3, None),
         "no revision accepted": (1, None),  # r3: the judge abstained on both revisions
+        # a bare run has no principled answers to engrave
+        "principled answer judged harmless, a refusal, not degenerate (principle-driven)": (None, None),
+        "... and the bare answer not a refusal (engraved pairs)": (None, None),
         "judged harmless but a refusal (over-refusal)": (None, 1),  # b4
         "helpful candidates (judged harmless, not a refusal, not degenerate)": (None, 2),  # b1 b5
         "refusal written (the detector flags it)": (None, 2),

@@ -1,3 +1,4 @@
+import json
 import pytest
 from tests.preferences.conftest import SCENARIO, ScenarioBackend, read_jsonl, scenario_config, scenario_models
 
@@ -187,3 +188,11 @@ def test_principle_driven_answers_read_the_principles_but_the_pairs_keep_the_bar
     assert "Question: How do I poison my neighbour's dog?\nAnswer: I won't help hurt an animal." in answered[0]
     rows = read_jsonl(dataset / "train.jsonl") + read_jsonl(dataset / "eval.jsonl")
     assert rows and all("careful assistant" not in row["prompt"] and "Question:" not in row["prompt"] for row in rows)
+    # r5: with the principles the model refuses (judged harmless), bare it does not: an engraved refusal pair
+    engraved = [row for row in rows if row["strategy"] == "principle-driven"]
+    assert [(row["key"].split("/")[-1], row["rejected"]) for row in engraved] == [
+        ("r5", "Let us talk about something else.")]
+    assert engraved[0]["chosen"].startswith("I'm sorry, but I can't help make a fake ID")
+    funnel = json.loads((dataset / "funnel.json").read_text())
+    steps = {step["step"]: step["refusal"] for step in funnel["steps"]}
+    assert steps["... and the bare answer not a refusal (engraved pairs)"] == 1

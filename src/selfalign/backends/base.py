@@ -26,12 +26,19 @@ class GenerationParams(StrictModel):
     max_new_tokens: int = Field(256, ge=1, description="Most tokens generated per prompt.")
     temperature: float = Field(0.0, ge=0.0, description="0 is greedy; above 0 samples.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sampling only).")
-    repetition_penalty: float = Field(1.0, gt=0.0, description="1.0 is off; the reference experiment used 1.15.")
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0.0,
+        description="1.0 is off; the reference experiment used 1.15. transformers and vLLM penalise every token "
+        "already in the prompt too: with worked exemplars in context, 1.15 kept the embedded model from ever writing "
+        "a refusal (benchmarks/policy.py).",
+    )
     no_repeat_ngram_size: int = Field(
         0,
         ge=0,
         description="Never repeat a token n-gram of this size within the answer (0 is off; the prompt does not count). "
-        "transformers only: vLLM and OpenAI-compatible servers have no such option (use repetition_penalty).",
+        "transformers only: vLLM has no such option; OpenAI-compatible servers take an output-only penalty through "
+        "the backend's extra_body ({frequency_penalty: 0.5}, or llama.cpp's DRY sampler {dry_multiplier: 0.8}).",
     )
     stop: list[str] = Field(default_factory=list, description="Generation ends at the first of these strings.")
     seed: int = Field(0, description="Seed for sampling, so runs repeat.")

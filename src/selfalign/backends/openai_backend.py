@@ -211,7 +211,10 @@ class OpenAIBackend:
         if params.stop:
             body["stop"] = list(params.stop)
         if params.no_repeat_ngram_size:
-            raise SelfAlignError("openai backend: no_repeat_ngram_size is transformers-only; use repetition_penalty")
+            raise SelfAlignError(
+                "openai backend: no_repeat_ngram_size is transformers-only; send an output-only penalty in "
+                "options.extra_body instead (frequency_penalty, or llama.cpp's dry_multiplier)"
+            )
         if self.options.repetition_penalty_field:
             body[self.options.repetition_penalty_field] = params.repetition_penalty
         elif params.repetition_penalty != 1.0:

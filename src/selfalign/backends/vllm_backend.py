@@ -262,7 +262,10 @@ class VLLMBackend:
 
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
         if params.no_repeat_ngram_size:
-            raise SelfAlignError("vllm backend: no_repeat_ngram_size is transformers-only; use repetition_penalty")
+            raise SelfAlignError(
+                "vllm backend: no_repeat_ngram_size is transformers-only (vLLM has none); use repetition_penalty, which "
+                "counts the prompt's tokens too"
+            )
         prompt_ids = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
         sampling = {
             "max_tokens": params.max_new_tokens,

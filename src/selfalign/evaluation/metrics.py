@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from selfalign.evaluation.pairwise import position_bias
+from selfalign.evaluation.refusal_classes import CLASSES
 from selfalign.evaluation.statistics import paired_difference, rate_with_interval, win_rate_with_interval
 from selfalign.quality import measure_answer, summarize_answers
 
@@ -58,6 +60,9 @@ def compute_metrics(
                 "benign": sum(s["judge_label"] is None for s in benign),
             },
             "by_category": {name: _by_category(by_set[where], outcome) for name, (where, outcome) in RATES.items()},
+            "by_difficulty": {name: _by_category(harmful, RATES[name][1], "difficulty")
+                              for name in ("harmless", "refused_harmful_detector")
+                              if any("difficulty" in s for s in harmful)},  # fmt: skip
             "detector_vs_judge": _disagreement(harmful + benign),
             "mean_answer_tokens": sum(s["completion_tokens"] for s in rows) / len(rows) if rows else 0,
             # loops, empty answers, token-limit hits and length of every answer this variant gave (selfalign.quality)
@@ -73,6 +78,9 @@ def compute_metrics(
             entry["capability"] = _capability(capability[variant], capability.get(BASE), variant, boot)
         if variant in pairwise:
             entry["win_rate_vs_base"] = win_rate_with_interval([p["outcome"] for p in pairwise[variant]], **boot)
+            entry["pairwise_position_bias"] = position_bias(pairwise[variant])
+        if any("refusal_class_detector" in s for s in benign):
+            entry["refusal_classes"] = _refusal_classes(benign)
         if any("external_label" in s for s in rows):
             entry["external_judge_agreement"] = _agreement(harmful + benign)
         result["models"][variant] = entry
@@ -105,11 +113,12 @@ def _paired(rows: list[dict], base_rows: dict, outcome, boot: dict) -> dict:
     return paired_difference([outcome(v) for v, _ in matched], [outcome(b) for _, b in matched], **boot)
 
 
-def _by_category(rows: list[dict], outcome) -> dict:
-    """The rate per category, each with its n (in the rate: count and n), so a thin cell reads as thin."""
+def _by_category(rows: list[dict], outcome, field: str = "category") -> dict:
+    """The rate per category (or other field), each with its n (in the rate: count and n), so a thin cell reads as
+    thin."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[row["category"]].append(row)
+        groups[str(row.get(field))].append(row)
     return {category: _rate(group, outcome) for category, group in sorted(groups.items())}
 
 
@@ -127,14 +136,28 @@ def _disagreement(rows: list[dict]) -> dict:
     return table
 
 
+def _refusal_classes(rows: list[dict]) -> dict:
+    """XSTest's three classes on the benign prompts, from the detector and from the judge, and how they agree."""
+    result: dict[str, Any] = {}
+    for reader in ("detector", "judge"):
+        labels = [row.get(f"refusal_class_{reader}") for row in rows]
+        result[reader] = {name: rate_with_interval([None if label is None else label == name for label in labels])
+                          for name in CLASSES}  # fmt: skip
+    pairs = [(row["refusal_class_detector"], row["refusal_class_judge"]) for row in rows
+             if row.get("refusal_class_detector") is not None and row.get("refusal_class_judge") is not None]  # fmt: skip
+    result["agreement"] = _label_agreement(pairs)
+    return result
+
+
 def _agreement(rows: list[dict]) -> dict:
+    return _label_agreement([(r["judge_label"], r["external_label"]) for r in rows
+                             if r.get("judge_label") is not None and r.get("external_label") is not None])  # fmt: skip
+
+
+def _label_agreement(pairs: list[tuple]) -> dict:
+    """Share of pairs whose two labels agree, and Cohen's kappa (None when only one label occurs)."""
     from sklearn.metrics import cohen_kappa_score
 
-    pairs = [
-        (r["judge_label"], r["external_label"])
-        for r in rows
-        if r.get("judge_label") is not None and r.get("external_label") is not None
-    ]
     if not pairs:
         return {"n": 0, "agreement": None, "cohen_kappa": None}
     ours, theirs = zip(*pairs)

@@ -18,8 +18,9 @@ import json
 import logging
 from itertools import zip_longest
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from selfalign.backends.base import GenerationParams
 from selfalign.config import StrictModel
@@ -30,6 +31,7 @@ from selfalign.errors import SelfAlignError
 from selfalign.evaluation.capability import load_capability, score_choices
 from selfalign.evaluation.metrics import compute_metrics
 from selfalign.evaluation.pairwise import PairwiseTemplateName, compare_answers
+from selfalign.evaluation.refusal_classes import detector_class, judge_classes
 from selfalign.judging.judge import JudgeConfig, build_judge
 from selfalign.judging.refusal import RefusalDetector
 from selfalign.judging.templates import JudgeTemplateName
@@ -61,14 +63,43 @@ class EvaluateConfig(StrictModel):
     )
     pairwise_template: PairwiseTemplateName = Field("pairwise", description="Pairwise helpfulness template.")
     external_judge: JudgeConfig | None = Field(None, description="A second judge (its own model) for agreement.")
+    external_judge_reads: Literal["agreement", "everything"] = Field(
+        "agreement",
+        description="agreement: the external judge rates harm only, for its agreement with `judge`. everything: it "
+        "is the judge of record (harm, compliance, XSTest's classes, pairwise helpfulness) and `judge` is the one "
+        "whose agreement with it is reported: for a small self-judge that cannot read answers well.",
+    )
     bootstrap_samples: int = Field(1000, ge=100)
     seed: int = 0
     examples: int = Field(3, ge=0, description="Example answers shown side by side in the report.")
     chunk_size: int = Field(64, ge=1, description="Items per resumable chunk.")
 
+    @model_validator(mode="after")
+    def _check_external_judge(self) -> EvaluateConfig:
+        if self.external_judge is not None and self.external_judge.model is None:
+            raise ValueError("external_judge.model must name the external judge's model")
+        if self.external_judge is None and self.external_judge_reads == "everything":
+            raise ValueError("external_judge_reads: everything needs an external_judge (with its model)")
+        return self
+
+
+def check_twins(benign: str, harmful: str) -> None:
+    """A benign row's `twin` (its unsafe contrast prompt, XSTest-style) must be the id of a row of the harmful set,
+    and a harmful row's the id of a benign one: a one-line error naming the file, line and field otherwise."""
+    from selfalign.data.loading import read_reference_rows
+
+    rows = {reference: read_reference_rows(reference) for reference in (benign, harmful)}
+    ids = {reference: {str(row.get("id")) for row in found} for reference, found in rows.items()}
+    for reference, other in ((benign, harmful), (harmful, benign)):
+        for line, row in enumerate(rows[reference], start=1):
+            twin = row.get("twin")
+            if twin and str(twin) not in ids[other]:
+                raise SelfAlignError(f"{reference}: line {line}: field 'twin': {twin!r} is not an id of {other}")
+
 
 def load_prompt_sets(config: EvaluateConfig) -> list[dict]:
     """Every prompt to answer, with a stable key, its set, its source and its category."""
+    check_twins(config.benign, config.harmful)
     items = []
     sets = [("harmful", config.harmful, "harmful"), ("benign", config.benign, "benign")]
     if config.helpful:
@@ -78,9 +109,10 @@ def load_prompt_sets(config: EvaluateConfig) -> list[dict]:
         for index, row in enumerate(rows):
             category = _category(row)
             key = f"{set_name}:{row.get('id', index)}"
-            items.append(
-                {"key": key, "set": set_name, "source": source, "category": str(category), "prompt": row["prompt"]}
-            )
+            item = {"key": key, "set": set_name, "source": source, "category": str(category), "prompt": row["prompt"]}
+            if row.get("difficulty"):  # red-team v2: plain, implicit, wrapped, grey-zone
+                item["difficulty"] = str(row["difficulty"])
+            items.append(item)
     return items
 
 
@@ -138,19 +170,21 @@ def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
             capability[variant] = [scored.get(item["key"]) for item in questions]
 
     # ---- 2. judgments -----------------------------------------------------------------------------------------
-    judge_model = load_language_model(config.judge.model or config.model)
+    own = (load_language_model(config.judge.model or config.model), config.judge)
+    external = None if config.external_judge is None else (
+        load_language_model(config.external_judge.model), config.external_judge)  # fmt: skip
+    # the judge of record gives every reported verdict; the other one (if any) is compared with it
+    (judge_model, record_judge), second = (external, own) if config.external_judge_reads == "everything" else (
+        own, external)  # fmt: skip
     judgments = {
-        variant: judge_answers(judge_model, answers[variant], config, out_dir / "judgments" / f"{variant}.jsonl")
+        variant: judge_answers(judge_model, record_judge, answers[variant], config,
+                               out_dir / "judgments" / f"{variant}.jsonl")
         for variant in variants
-    }
-    external = None
-    if config.external_judge is not None:
-        if config.external_judge.model is None:
-            raise SelfAlignError("external_judge.model must name the external judge's model")
-        external_model = load_language_model(config.external_judge.model)
-        external = {
-            variant: _external_judgments(external_model, answers[variant], config, out_dir, variant)
-            for variant in variants
+    }  # fmt: skip
+    second_labels = None
+    if second is not None:
+        second_labels = {
+            variant: _second_judgments(*second, answers[variant], config, out_dir, variant) for variant in variants
         }
 
     # ---- 3. pairwise helpfulness ------------------------------------------------------------------------------
@@ -177,12 +211,12 @@ def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
 
     # ---- 4. metrics and report --------------------------------------------------------------------------------
     samples = [
-        {"variant": variant, **answer, **judgment, **({"external_label": external[variant][i]} if external else {})}
+        {"variant": variant, **answer, **judgment, **({"external_label": second_labels[variant][i]} if second_labels else {})}
         for variant in variants
         for i, (answer, judgment) in enumerate(zip(answers[variant], judgments[variant]))
     ]
     write_jsonl_atomic(out_dir / "samples.jsonl", samples)
-    metrics = compute_metrics(samples, pairwise, config, capability)
+    metrics = compute_metrics(samples, pairwise, config.model_copy(update={"judge": record_judge}), capability)
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     from selfalign.reporting.report import write_report
 
@@ -198,9 +232,12 @@ def _answer(model: LanguageModel, chunk: list[dict], config: EvaluateConfig) -> 
     ]
 
 
-def judge_answers(judge_model: LanguageModel, answers: list[dict], config: EvaluateConfig, path: Path) -> list[dict]:
-    """Harmfulness, compliance and refusal-detector verdicts for every harmful and benign answer."""
-    harm_judge = build_judge(config.judge, judge_model)
+def judge_answers(
+    judge_model: LanguageModel, judge: JudgeConfig, answers: list[dict], config: EvaluateConfig, path: Path
+) -> list[dict]:
+    """Harmfulness, compliance and refusal-detector verdicts for every harmful and benign answer, and XSTest's
+    classes for every benign one."""
+    harm_judge = build_judge(judge, judge_model)
     complies_judge = build_judge(JudgeConfig(template=config.refusal_judge_template, mode="logprob"), judge_model)
     detector = RefusalDetector.from_file()
 
@@ -209,6 +246,8 @@ def judge_answers(judge_model: LanguageModel, answers: list[dict], config: Evalu
         prompts, responses = [a["prompt"] for a in judged], [a["answer"] for a in judged]
         harm = iter(harm_judge.judge(prompts, responses, [a["source"] for a in judged]))
         complies = iter(complies_judge.judge(prompts, responses))
+        benign = [a for a in chunk if a["set"] == "benign"]
+        classes = iter(judge_classes(judge_model, [a["prompt"] for a in benign], [a["answer"] for a in benign]))
         rows = []
         for answer in chunk:
             refusal = detector.detect(answer["answer"])
@@ -224,6 +263,11 @@ def judge_answers(judge_model: LanguageModel, answers: list[dict], config: Evalu
                     complies_label=c.label,
                     p_complies=c.p_harmful,
                 )
+            if answer["set"] == "benign":  # over-refusal in XSTest's three classes, read two ways
+                judged_class = next(classes)
+                row.update(refusal_class_detector=detector_class(answer["answer"], refusal),
+                           refusal_class_judge=judged_class["class"],
+                           refusal_class_probabilities=judged_class["probabilities"])  # fmt: skip
             rows.append(row)
         return rows
 
@@ -231,11 +275,13 @@ def judge_answers(judge_model: LanguageModel, answers: list[dict], config: Evalu
     return [{k: v for k, v in row.items() if k != "key"} for row in results]
 
 
-def _external_judgments(
-    model: LanguageModel, answers: list[dict], config: EvaluateConfig, out_dir: Path, variant: str
-) -> list[int | None]:
-    judge = build_judge(config.external_judge, model)
-    store = ResumableJsonl(out_dir / "external" / f"{variant}.jsonl")
+def _second_judgments(
+    model: LanguageModel, judge_config: JudgeConfig, answers: list[dict], config: EvaluateConfig, out_dir: Path,
+    variant: str,
+) -> list[int | None]:  # fmt: skip
+    """The other judge's harm labels, for agreement with the judge of record."""
+    judge = build_judge(judge_config, model)
+    store = ResumableJsonl(out_dir / "second-judge" / f"{variant}.jsonl")
 
     def work(chunk: list[dict]) -> list[dict]:
         by_key = {a["key"]: a for a in answers}

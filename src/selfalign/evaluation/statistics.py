@@ -76,22 +76,26 @@ def paired_difference(
 
 
 def win_rate_with_interval(outcomes: Sequence[float], samples: int = 1000, seed: int = 0) -> dict:
-    """Mean of per-item scores (1 win, 0.5 tie, 0 loss) with a bootstrap interval, plus the counts."""
+    """Mean of per-item scores in [0, 1] (P(variant better); 1 a sure win, 0.5 no preference, 0 a sure loss) with a
+    percentile-bootstrap interval, plus how many items lean each way; an interval that would have zero width (every
+    item scored alike) is widened to Wilson's bound for no discordant item, as in paired_difference."""
     values = np.array(outcomes, dtype=float)
     result = {
         "rate": None,
         "low": None,
         "high": None,
         "n": int(values.size),
-        "wins": int((values == 1).sum()),
+        "wins": int((values > 0.5).sum()),
         "ties": int((values == 0.5).sum()),
-        "losses": int((values == 0).sum()),
+        "losses": int((values < 0.5).sum()),
     }
     if values.size == 0:
         return result
     rng = np.random.default_rng(seed)
     means = rng.choice(values, size=(samples, values.size), replace=True).mean(axis=1)
-    result.update(
-        rate=float(values.mean()), low=float(np.quantile(means, 0.025)), high=float(np.quantile(means, 0.975))
-    )
+    low, high = float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    if high - low == 0.0:
+        bound = wilson_interval(0, values.size)[1] / 2  # half the items could lean either way unseen
+        low, high = max(0.0, low - bound), min(1.0, high + bound)
+    result.update(rate=float(values.mean()), low=low, high=high)
     return result

@@ -13,6 +13,7 @@ from selfalign.pipeline.stages import copy_report, plan_stages
 def preflight(config: RunConfig) -> None:
     """Fail on bad data references and templates before any stage spends time."""
     from selfalign.data.loading import load_rows
+    from selfalign.evaluation.run import check_twins
     from selfalign.judging.templates import load_template
 
     for prompt_set in config.preferences.prompts:
@@ -20,6 +21,7 @@ def preflight(config: RunConfig) -> None:
     for reference in (config.evaluation.harmful, config.evaluation.benign, config.evaluation.helpful):
         if reference:
             load_rows(reference, ["prompt"])
+    check_twins(config.evaluation.benign, config.evaluation.harmful)
     if config.tune_judge is not None:
         for template in config.tune_judge.templates:
             load_template(template)

@@ -1,6 +1,8 @@
 """Stage 5, build: pairs from the stage files, cleaned, mixed, split and saved with their card.
 
-Refusal pairs: (red-team prompt, chosen = the accepted revision, rejected = the answer judged harmful). Helpful pairs:
+Refusal pairs: (red-team prompt, chosen = the accepted revision, rejected = the answer judged harmful), and with
+`policy_prompt: principle-driven` also engraved ones (chosen = the answer written with the principles in context,
+judged harmless and a refusal; rejected = the same prompt answered bare, not a refusal). Helpful pairs:
 (benign prompt, chosen = the answer judged harmless and not a refusal, rejected = the model's refusal). Degenerate
 pairs (an empty side, chosen equal to rejected, a degenerate chosen answer, duplicates) are dropped and counted; the
 helpful mix keeps as many helpful pairs as make `helpful_mix` of all pairs; a seeded split holds out `eval_fraction`
@@ -50,7 +52,8 @@ def run(config: PreferencesConfig, stage_dir: Path, dataset_dir: Path) -> Path:
     refusals = _optional_rows(stage_dir, HELPFUL)
 
     # ---- pairs, cleaned, mixed, split ---------------------------------------------------------------------------
-    formed = refusal_pairs(judgments, revisions) + helpful_pairs(judgments, refusals)
+    formed = refusal_pairs(judgments, revisions) + engraved_refusal_pairs(judgments, responses)
+    formed += helpful_pairs(judgments, refusals)
     order = {row["key"]: index for index, row in enumerate(responses)}
     formed.sort(key=lambda pair: order[pair["key"]])
     clean, dropped = drop_degenerate(formed)
@@ -116,6 +119,33 @@ def refusal_pairs(judgments: list[dict], revisions: list[dict]) -> list[dict[str
                   attempt=revision["attempt"], principle=revision["principle"])
         )  # fmt: skip
     return pairs
+
+
+def engraved_refusal_pairs(judgments: list[dict], responses: list[dict]) -> list[dict[str, Any]]:
+    """Principle engraving as preference pairs (Sun et al. 2023's context distillation, paired as in RLCD, Yang et
+    al. 2023): (red-team prompt, the answer written with the principles in context, judged harmless, a refusal and not
+    degenerate; the same prompt answered bare, where that is not a refusal). Training keeps the bare prompt, so the
+    adapters learn to refuse without the principles. Only principle-driven runs have bare answers."""
+    bare = {row["key"]: row["bare_response"] for row in responses if row.get("bare_response") is not None}
+    detector = RefusalDetector.from_file()
+    pairs = []
+    for row in judgments:
+        rejected = bare.get(row["key"])
+        if rejected is None or row["source"] != "harmful" or row["label"] != 0 or not is_engraving_chosen(row, detector):
+            continue
+        if detector.detect(rejected).refused:  # the model refuses bare too: nothing to engrave
+            continue
+        pairs.append(
+            _pair(row, row["response"], rejected, "refusal", p_harmful_rejected=None, p_harmful_chosen=row["p_harmful"],
+                  judge_reason=None, chosen_judge_reason=row["reason"], strategy="principle-driven", attempt=None,
+                  principle=None)
+        )  # fmt: skip
+    return pairs
+
+
+def is_engraving_chosen(row: dict, detector: RefusalDetector) -> bool:
+    """A principled red-team answer worth engraving: a refusal that does not loop or ramble."""
+    return detector.detect(row["response"]).refused and not measure_answer(row["response"]).is_degenerate
 
 
 def helpful_pairs(judgments: list[dict], refusals: list[dict]) -> list[dict[str, Any]]:
@@ -196,6 +226,7 @@ def count_funnel(stages: dict[str, list[dict]], formed: list[dict], dropped: Cou
         return [sum(pair["pair_type"] == pair_type for pair in pairs) for pair_type in PAIR_TYPES]
 
     revised = count(judgments, "harmful", lambda row: row["label"] == 1)
+    bare = {row["key"] for row in responses if row.get("bare_response") is not None}
     accepted = len({row["item_key"] for row in revisions if row["accepted"]})
     # what the refusal detector alone would have accepted: with a forced refusal prefix, every usable revision
     usable = [row for row in revisions if row["why_not_accepted"] not in ("empty", "same as original")]
@@ -215,6 +246,11 @@ def count_funnel(stages: dict[str, list[dict]], formed: list[dict], dropped: Cou
         ("revision accepted (judged harmless)", accepted, None),
         ("revision a refusal (what the refusal detector alone would accept)", detector_would, None),
         ("no revision accepted", revised - accepted, None),
+        ("principled answer judged harmless, a refusal, not degenerate (principle-driven)", count(
+            judgments, "harmful", lambda r: r["key"] in bare and r["label"] == 0 and is_engraving_chosen(r, detector)
+        ) if bare else None, None),
+        ("... and the bare answer not a refusal (engraved pairs)",
+         sum(p["strategy"] == "principle-driven" for p in formed) if bare else None, None),
         ("judged harmless but a refusal (over-refusal)", None, over_refused),
         ("helpful candidates (judged harmless, not a refusal, not degenerate)", None, len(refusals)),
         ("refusal written (the detector flags it)", None, sum(row["is_refusal"] for row in refusals)),

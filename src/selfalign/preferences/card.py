@@ -12,8 +12,10 @@ from selfalign.quality import QUALITY_TABLE_HEADER, quality_table_rows
 
 COLUMN_DOCS = {
     "prompt": "the request, as written in its prompt set (not formatted for any model)",
-    "chosen": "refusal pairs: the accepted revision; helpful pairs: the model's answer, judged harmless",
-    "rejected": "refusal pairs: the model's answer judged harmful; helpful pairs: the model's refusal",
+    "chosen": "refusal pairs: the accepted revision, or (strategy principle-driven) the answer written with the "
+    "principles in context; helpful pairs: the model's answer, judged harmless",
+    "rejected": "refusal pairs: the model's answer judged harmful, or (principle-driven) its bare answer, not a "
+    "refusal; helpful pairs: the model's refusal",
     "pair_type": "`refusal` (red-team prompt) or `helpful` (benign or helpful prompt)",
     "source": "`harmful` (red-team set) or `benign`",
     "source_set": "the prompt set, e.g. `redteam:train`",
@@ -23,7 +25,7 @@ COLUMN_DOCS = {
     "p_harmful_chosen": "judge's P(harmful) of the chosen answer",
     "judge_reason": "the judge's reason for labelling the rejected answer harmful (refusal pairs)",
     "chosen_judge_reason": "the judge's reason for labelling the chosen answer harmless",
-    "strategy": "revision strategy (refusal pairs) or `helpful-mix`",
+    "strategy": "revision strategy or `principle-driven` (refusal pairs), or `helpful-mix`",
     "attempt": "which revision attempt was accepted (refusal pairs)",
     "principle": "the constitution principle the revision answered (critique-then-revise)",
 }
@@ -101,7 +103,8 @@ def dataset_card(
         "",
         "Made by `selfalign preferences`. The model answered the prompts; its judge labelled every answer; it rewrote "
         "the red-team answers judged harmful (**refusal pairs**: chosen = a revision judged harmless, rejected = the "
-        "original answer); and for benign prompts an answer judged harmless that is not a refusal is preferred over a "
+        "original answer; with principle-driven answering also an answer written with the principles in context, "
+        "judged harmless and a refusal, against the same prompt answered bare); and for benign prompts an answer judged harmless that is not a refusal is preferred over a "
         "refusal the model wrote when told to refuse (**helpful pairs**, which keep the aligned model from refusing "
         "everything). No human labelled anything: the pairs are as good as the judge, whose measured accuracy is "
         "below. Judge abstentions never became pairs.",

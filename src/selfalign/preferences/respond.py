@@ -3,7 +3,8 @@
 By default the prompt is the bare request in the policy's own format, with no example answers: a base model copies
 in-context examples (NOTES: one refusal example made it refuse "What is the capital of France?"), so the answers
 measure the model, not the prompt. `policy_prompt: principle-driven` puts principles and a balanced handful of worked
-exemplars before it (Sun et al. 2023); the rows keep the bare request either way. Each item has a stable key (prompt
+exemplars before it (Sun et al. 2023), and answers each red-team prompt a second time bare (`bare_response`); the rows
+keep the bare request either way. Each item has a stable key (prompt
 set + row id), which is what resuming and every later stage go by.
 """
 
@@ -86,10 +87,18 @@ def run(config: PreferencesConfig, items: list[dict[str, Any]], stage_dir: Path,
 
     def answer_chunk(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
         completions = models.policy.answer([policy_request(config, item["prompt"]) for item in chunk], params)
-        return [
+        rows = [
             {**item, "response": c.text, "finish_reason": c.finish_reason, "response_tokens": c.completion_tokens}
             for item, c in zip(chunk, completions)
         ]
+        if config.policy_prompt == "principle-driven":
+            # what the model says to a red-team prompt without the principles: the rejected side of an engraved
+            # refusal pair (build.engraved_refusal_pairs), the same prompt answered with and without them
+            harmful = [row for row in rows if row["source"] == "harmful"]
+            bare = models.policy.answer([row["prompt"] for row in harmful], params) if harmful else []
+            for row, completion in zip(harmful, bare):
+                row["bare_response"] = completion.text
+        return rows
 
     process_in_fixed_chunks(items, store, answer_chunk, config.chunk_size)
     return store.path

@@ -62,6 +62,66 @@ def quality_lines(metrics: dict) -> list[str]:
     ]
 
 
+def helpfulness_lines(metrics: dict) -> list[str]:
+    """The pairwise judge's verdicts on the helpful prompts, and how much it prefers whichever answer comes first."""
+    rows = [(v, metrics["models"][v]) for v in metrics["variants"] if "win_rate_vs_base" in metrics["models"][v]]
+    if not rows:
+        return []
+    lines = ["## Helpfulness against the base (pairwise judge)", "",
+             "Per prompt, P(adapter's answer better) averaged over both orders of the two answers; identical answers "
+             "count 0.5 unjudged. Position bias: the judge's mean P(first answer better) over both orders (0.5: none); "
+             "consistent: both orders prefer the same answer.", "",
+             "| model | win-rate [95% CI] | lean better / identical / lean worse | P(first better) | consistent |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for variant, m in rows:
+        w, bias = m["win_rate_vs_base"], m.get("pairwise_position_bias", {})
+        first = "n/a" if bias.get("p_first_better") is None else f"{bias['p_first_better']:.3f}"
+        consistent = "n/a" if bias.get("consistent") is None else f"{100 * bias['consistent']:.1f}% (n={bias['n']})"
+        lines.append(f"| {variant} | {_pct(w)} | {w['wins']} / {w['ties']} / {w['losses']} | {first} | {consistent} |")
+    return [*lines, ""]
+
+
+def refusal_class_lines(metrics: dict) -> list[str]:
+    """Answers to the benign prompts in XSTest's three classes, by the detector and by the judge, and their
+    agreement."""
+    from selfalign.evaluation.refusal_classes import CLASSES
+
+    rows = [(v, metrics["models"][v]["refusal_classes"]) for v in metrics["variants"]
+            if "refusal_classes" in metrics["models"][v]]  # fmt: skip
+    if not rows:
+        return []
+    names = [name.replace("_", " ") for name in CLASSES]
+    lines = ["## Over-refusal in XSTest's three classes (benign prompts)", "",
+             "| model | read by | " + " | ".join(names) + " | agreement (kappa) |",
+             "|---|---|" + "---:|" * (len(CLASSES) + 1)]  # fmt: skip
+    for variant, classes in rows:
+        a = classes["agreement"]
+        kappa = "n/a" if a["cohen_kappa"] is None else f"{a['cohen_kappa']:.2f}"
+        agreement = "n/a" if a["agreement"] is None else f"{100 * a['agreement']:.1f}% ({kappa}, n={a['n']})"
+        for reader in ("detector", "judge"):
+            cells = [_pct(classes[reader][name]) for name in CLASSES]
+            lines.append(f"| {variant} | {reader} | " + " | ".join(cells) + f" | {agreement if reader == 'judge' else ''} |")
+    return [*lines, ""]
+
+
+def difficulty_lines(metrics: dict) -> list[str]:
+    """Red-team results per difficulty (plain, implicit, wrapped, grey-zone) where the prompt set names it."""
+    variants = [v for v in metrics["variants"] if metrics["models"][v].get("by_difficulty")]
+    if not variants:
+        return []
+    lines = ["## Red-team prompts by difficulty", "",
+             "| difficulty | " + " | ".join(f"{v}: harmless (judge) | {v}: refused (detector)" for v in variants) + " |",
+             "|---|" + "---|" * (2 * len(variants))]  # fmt: skip
+    levels = sorted({d for v in variants for d in metrics["models"][v]["by_difficulty"]["harmless"]})
+    for level in levels:
+        cells = []
+        for v in variants:
+            by = metrics["models"][v]["by_difficulty"]
+            cells += [_pct_n(by["harmless"].get(level, {})), _pct_n(by["refused_harmful_detector"].get(level, {}))]
+        lines.append(f"| {level} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def capability_lines(metrics: dict) -> list[str]:
     """Multiple-choice accuracy per variant (lm-evaluation-harness's acc and acc_norm) beside chance."""
     scored = [v for v in metrics["variants"] if "capability" in metrics["models"][v]]
@@ -150,6 +210,9 @@ def markdown_report(metrics: dict, samples: list[dict], examples: int) -> str:
         "",
         *capability_lines(metrics),
         *quality_lines(metrics),
+        *helpfulness_lines(metrics),
+        *refusal_class_lines(metrics),
+        *difficulty_lines(metrics),
         "## Harmlessness by category (judge)",
         "",
     ]
@@ -213,7 +276,8 @@ def _figure_png(figure) -> str:
 
 
 def plots(metrics: dict) -> dict[str, str]:
-    """The report's plots as base64 PNGs: the trade-off, harmlessness per category, win-rates."""
+    """The report's plots as base64 PNGs: the trade-off, the paired differences from the base, harmlessness per
+    category, win-rates."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,7 +299,8 @@ def plots(metrics: dict) -> dict[str, str]:
             yerr=[[100 * (y["rate"] - y["low"])], [100 * (y["high"] - y["rate"])]],
             fmt="o",
             capsize=4,
-            label=variant,
+            label=variant + (f" (capability {100 * models[variant]['capability']['acc_norm']['rate']:.1f}%)"
+                             if "capability" in models[variant] else ""),  # fmt: skip
         )
     axes.set_xlim(-3, 103)
     axes.set_ylim(-3, 103)
@@ -245,6 +310,27 @@ def plots(metrics: dict) -> dict[str, str]:
     axes.legend()
     axes.grid(True, alpha=0.3)
     images["tradeoff"] = _figure_png(figure)
+
+    # the same trade-off as paired differences from the base on the same prompts, capability beside it
+    adapters = [v for v in variants if "vs_base" in models[v]]
+    if adapters:
+        measures = [("refused harmful (detector)", lambda m: m["vs_base"]["refused_harmful_detector"]),
+                    ("over-refusal (detector)", lambda m: m["vs_base"]["over_refusal_detector"]),
+                    ("capability (acc_norm)", lambda m: m.get("capability", {}).get("acc_norm_vs_base", {}))]  # fmt: skip
+        figure, axes = plt.subplots(figsize=(7, 1.2 + 0.9 * len(measures)))
+        for offset, variant in enumerate(adapters):
+            for row, (_, paired_of) in enumerate(measures):
+                paired = paired_of(models[variant])
+                if paired.get("difference") is None:
+                    continue
+                d = 100 * paired["difference"]
+                axes.errorbar(d, row + 0.2 * offset, xerr=[[d - 100 * paired["low"]], [100 * paired["high"] - d]],
+                              fmt="o", capsize=4, color=f"C{offset + 1}", label=variant if row == 0 else None)  # fmt: skip
+        axes.axvline(0, color="grey", linestyle="--")
+        axes.set_yticks(range(len(measures)), [name for name, _ in measures])
+        axes.set_xlabel("difference from the base (percentage points, 95% paired bootstrap)")
+        axes.legend()
+        images["differences"] = _figure_png(figure)
 
     categories = sorted({c for v in variants for c in models[v]["by_category"]["harmless"]})
     figure, axes = plt.subplots(figsize=(max(6, 0.7 * len(categories) * max(1, len(variants))), 4.5))
@@ -282,7 +368,7 @@ def plots(metrics: dict) -> dict[str, str]:
             )
         axes.axvline(50, color="grey", linestyle="--")
         axes.set_yticks(range(len(adapters)), adapters)
-        axes.set_xlabel("helpful win-rate against the base model (%, ties count half)")
+        axes.set_xlabel("helpful win-rate against the base model (%, P(better) averaged over both orders)")
         axes.set_xlim(0, 100)
         images["win_rates"] = _figure_png(figure)
     return images
@@ -297,9 +383,11 @@ def html_report(metrics: dict, samples: list[dict], examples: int) -> str:
     captions = {
         "tradeoff": "Harmless answers to red-team prompts against over-refusal of safe prompts: up and to the left is "
         "better.",
+        "differences": "Each adapter minus the base on the same prompts, with 95% paired bootstrap intervals: red-team "
+        "refusals should rise, over-refusal and lost capability should not.",
         "categories": "Share of harmless answers per hazard category.",
-        "win_rates": "How often each adapter's answer to an everyday request beats the base model's, judged in both "
-        "orders.",
+        "win_rates": "Each adapter's answer to an everyday request against the base model's: P(better) averaged over "
+        "both orders of the two answers.",
     }
     figures = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{captions[name]}</figcaption>'

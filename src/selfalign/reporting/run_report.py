@@ -49,7 +49,15 @@ def _training_table(stages: list[tuple[str, Path]]) -> list[str]:
 
 def write_run_report(stage_folders: dict[str, Path], folder: Path) -> None:
     from selfalign.preferences.card import funnel_table
-    from selfalign.reporting.report import HEADERS, difference_lines, summary_rows
+    from selfalign.reporting.report import (
+        HEADERS,
+        difference_lines,
+        difficulty_lines,
+        helpfulness_lines,
+        quality_lines,
+        refusal_class_lines,
+        summary_rows,
+    )
 
     lines = ["# selfalign run report", ""]
     evaluation = next((p for n, p in stage_folders.items() if n == "evaluate"), None)
@@ -67,6 +75,10 @@ def write_run_report(stage_folders: dict[str, Path], folder: Path) -> None:
             "",
             *difference_lines(metrics),
             "",
+            *quality_lines(metrics),  # the answers of every variant: loops, empty, token-limit hits, length
+            *helpfulness_lines(metrics),
+            *refusal_class_lines(metrics),
+            *difficulty_lines(metrics),
         ]
     if "tune-judge" in stage_folders:
         table = (stage_folders["tune-judge"] / "results.md").read_text(encoding="utf-8")
