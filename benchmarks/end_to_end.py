@@ -127,10 +127,10 @@ def choose_judge(run_config: Any, judge_file: str | None, out: Path, model: Any)
 
 def run_scaling(config: str, overrides: list[str], sizes: list[int], judge_file: str | None, out: Path) -> None:
     from selfalign.backends.base import GenerationParams
-    from selfalign.models.language_model import load_language_model
+    from selfalign.backends.language_model import load_language_model
     from selfalign.pipeline.stages import count_preference_tokens
-    from selfalign.preferences.pipeline import run_pipeline
-    from selfalign.preferences.stages import Models
+    from selfalign.preferences.pipeline import run_preferences
+    from selfalign.preferences.stage_files import Models
 
     run_config = load_run_config(config, overrides)
     started = time.perf_counter()
@@ -161,7 +161,7 @@ def run_scaling(config: str, overrides: list[str], sizes: list[int], judge_file:
         )
         began = time.perf_counter()
         with measure_peak_memory() as memory:
-            dataset = run_pipeline(preferences, folder, Models(preferences, policy=model))
+            dataset = run_preferences(preferences, folder, Models(preferences, policy=model))
         seconds = time.perf_counter() - began
         steps = json.loads((folder / "run.json").read_text(encoding="utf-8"))["stages"]
         tokens = (count_preference_tokens(folder) or {}).get("generated", 0)

@@ -202,7 +202,7 @@ def fresh_adapter(model_ref: str, folder: Path) -> Path:
 def run_adapter(args: argparse.Namespace) -> None:
     """Adapter generation with and without the contiguous-rows hook, in the same run."""
     from selfalign.backends import transformers_backend
-    from selfalign.models.language_model import ModelConfig
+    from selfalign.backends.language_model import ModelConfig
     from selfalign.pipeline.engine import format_gb
     from selfalign.pipeline.memory import measure_peak_memory
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import time
 
+from selfalign.backends.language_model import ModelConfig, load_language_model
 from selfalign.judging.baseline import NoModelRuleJudge
 from selfalign.judging.judge import TemplateJudge
 from selfalign.judging.metrics import best_threshold, binary_metrics
 from selfalign.judging.probe import ProbeJudge, fit_probe
 from selfalign.judging.templates import load_template
 from selfalign.judging.tuning import _warm_up, load_labeled, paired_lift
-from selfalign.models.language_model import ModelConfig, load_language_model
 
 
 def timed(judge: TemplateJudge, split) -> tuple[list, float]:

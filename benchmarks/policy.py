@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from selfalign.backends.base import GenerationParams
+from selfalign.backends.language_model import ModelConfig, load_language_model
 from selfalign.data.loading import read_reference_rows
-from selfalign.evaluation.statistics import paired_difference, rate_with_interval
 from selfalign.judging.refusal import RefusalDetector
-from selfalign.models.language_model import ModelConfig, load_language_model
 from selfalign.preferences.config import PreferencesConfig, PrinciplesConfig
 from selfalign.preferences.templates import policy_request
 from selfalign.quality import measure_answer
+from selfalign.statistics import paired_difference, rate_with_interval
 
 
 @dataclass(frozen=True)

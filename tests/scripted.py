@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from selfalign.backends.language_model import LanguageModel, ModelConfig
 from selfalign.backends.scripted import ScriptedBackend
 from selfalign.models.formats import get_prompt_format
-from selfalign.models.language_model import LanguageModel, ModelConfig
 
 
 def scripted_model(

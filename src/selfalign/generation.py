@@ -8,10 +8,10 @@ from pathlib import Path
 from pydantic import Field
 
 from selfalign.backends.base import GenerationParams
+from selfalign.backends.language_model import ModelConfig, load_language_model
 from selfalign.data.jsonl import write_jsonl_atomic
 from selfalign.data.loading import load_rows
 from selfalign.errors import SelfAlignError
-from selfalign.models.language_model import ModelConfig, load_language_model
 
 
 class GenerateConfig(ModelConfig):

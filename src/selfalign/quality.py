@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from selfalign.errors import SelfAlignError
-from selfalign.evaluation.statistics import wilson_interval
+from selfalign.statistics import wilson_interval
 
 # A phrase said twice can be emphasis or a list ("Step 1 ... Step 2"); the same four words three times in an answer of
 # ~48 tokens is a loop (the definition). On 40 greedy 48-token answers of the embedded model, the 11 with a

@@ -13,10 +13,10 @@ import time
 import pytest
 
 from selfalign.backends.base import BACKENDS, GenerationParams
+from selfalign.backends.language_model import ModelConfig, load_language_model
 from selfalign.backends.llama_server import llama_server as serve_gguf
 from selfalign.backends.llama_server import server_missing
 from selfalign.models.gguf_cache import embedded_gguf_path
-from selfalign.models.language_model import ModelConfig, load_language_model
 from tests.backends.http_helpers import FAULTS, BackgroundLoop, FaultProxy
 
 QUESTIONS = [

@@ -10,10 +10,10 @@ import pytest
 from pydantic import ValidationError
 
 from selfalign.backends.base import BACKENDS, GenerationParams
+from selfalign.backends.language_model import ModelConfig, load_language_model
 from selfalign.backends.openai_backend import continuation_logprob
 from selfalign.data.resumable import ResumableJsonl, process_resumably
 from selfalign.errors import SelfAlignError
-from selfalign.models.language_model import ModelConfig, load_language_model
 from tests.backends.http_helpers import BackgroundLoop, FakeOpenAIServer, FaultProxy, Reply
 
 PROMPTS = [f"prompt number {i}" for i in range(12)]

@@ -17,9 +17,9 @@ import pytest
 from pydantic import ValidationError
 
 from selfalign.backends.base import BACKENDS, GenerationParams
+from selfalign.backends.language_model import ModelConfig
 from selfalign.backends.vllm_backend import VLLMOptions, device_groups, split_evenly
 from selfalign.errors import SelfAlignError
-from selfalign.models.language_model import ModelConfig
 from selfalign.models.loading import load_tokenizer
 
 FAKE_VLLM = Path(__file__).parent / "fake_vllm"
@@ -187,7 +187,7 @@ GPU_PROMPTS = [f"Question: {q}\nAnswer:" for q in (
 
 @pytest.fixture(scope="module")
 def real_backends():
-    from selfalign.models.language_model import load_language_model
+    from selfalign.backends.language_model import load_language_model
 
     config = ModelConfig(model=EMBEDDED, dtype="float32")
     transformers_model = load_language_model(config)
@@ -222,7 +222,7 @@ def test_a_lora_adapter_is_applied_without_merging(tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from selfalign.models.language_model import load_language_model
+    from selfalign.backends.language_model import load_language_model
     from selfalign.models.loading import load_model
 
     loaded = load_model(EMBEDDED, dtype="float32")

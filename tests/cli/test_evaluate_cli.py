@@ -1,18 +1,7 @@
-import sys
 
 import pytest
 
-from selfalign.cli.main import main
-
-
-def run_cli(monkeypatch, capsys, *args, stdin: str | None = None):
-    monkeypatch.setattr(sys, "argv", ["selfalign", *args])
-    if stdin is not None:
-        monkeypatch.setattr("sys.stdin", __import__("io").StringIO(stdin))
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
+from tests.cli_runner import run_cli
 
 
 @pytest.fixture(scope="module")

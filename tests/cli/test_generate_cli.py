@@ -1,17 +1,8 @@
 import json
-import sys
 
 import pytest
 
-from selfalign.cli.main import main
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["selfalign", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
+from tests.cli_runner import run_cli
 
 
 def write_lines(path, lines):

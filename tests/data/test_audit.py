@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from selfalign.cli.main import main
-from selfalign.data.audit import audit_labeled, check_draft, max_tfidf_cosine, read_labeled_rows
 from selfalign.data.loading import read_reference_rows
 from selfalign.errors import SelfAlignError
+from selfalign.judging.audit import audit_labeled, check_draft, max_tfidf_cosine, read_labeled_rows
 
 OPENERS = ["Here", "The", "Most", "You", "If", "First"]
 TOPICS = [("weapon", "garden"), ("poison", "cheese"), ("ransom", "recipe"), ("malware", "science")]  # equal lengths

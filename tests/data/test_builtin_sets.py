@@ -28,7 +28,8 @@ NEAR_DUPLICATE = Fraction(4, 5)  # token-set Jaccard similarity at or above this
 DIFFICULTIES = ("plain", "implicit", "wrapped", "grey-zone")
 WRAPPERS = ("refusal-suppression", "prefix-injection", "persona", "fiction", "payload-splitting", "other-language",
             "multi-turn")  # fmt: skip
-V1_WRAPPERS = ("persona", "hypothetical", "justification")  # redteam-train's role-play, hypothetical, justified framings
+# redteam-train's v1 role-play, hypothetical and justified framings
+V1_WRAPPERS = ("persona", "hypothetical", "justification")
 
 SET_NAMES = sorted(builtin_sets())
 
@@ -218,11 +219,11 @@ def test_no_paraphrase_of_another_scenario_anywhere_in_what_is_shipped():
     """TF-IDF cosine (word 1-2 grams) below 0.5 between any two prompts of different scenarios across every shipped
     set and the principles' exemplars: rewording ("how do I starve out fruit flies" ~ "how do I get rid of fruit
     flies") is caught, where token overlap is not. A contrast twin shares its scenario with its safe prompt."""
-    from selfalign.data.audit import MAX_PROMPT_COSINE
-    from selfalign.preferences.templates import load_principles
-
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.metrics.pairwise import linear_kernel
+
+    from selfalign.judging.audit import MAX_PROMPT_COSINE
+    from selfalign.preferences.templates import load_principles
 
     # capability questions are left out: "What is the capital of Peru?" and "... of Chile?" share a form, not a leak
     entries = [(where, prompt) for where, prompt in _all_prompts() if not where.startswith("builtin:capability")]
@@ -309,7 +310,7 @@ def test_judge_labeled_dev_and_test_are_split_by_scenario():
 
 
 def test_judge_labeled_test_split_cannot_be_labeled_from_style_or_the_no_model_rule():
-    from selfalign.data.audit import AUDIT_AIM, audit_labeled
+    from selfalign.judging.audit import AUDIT_AIM, audit_labeled
 
     result = audit_labeled("builtin:judge-labeled")
     assert not result.exceeds(AUDIT_AIM), (
@@ -320,7 +321,7 @@ def test_judge_labeled_test_split_cannot_be_labeled_from_style_or_the_no_model_r
 
 
 def test_judge_labeled_prompts_are_not_paraphrases_of_red_team_prompts():
-    from selfalign.data.audit import MAX_PROMPT_COSINE, max_tfidf_cosine
+    from selfalign.judging.audit import MAX_PROMPT_COSINE, max_tfidf_cosine
 
     judged = [row for rows in _split_rows("judge-labeled").values() for row in rows]
     redteam = [row for rows in _split_rows("redteam").values() for row in rows]

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import pytest
 
 from selfalign.evaluation.metrics import compute_metrics
-from selfalign.evaluation.statistics import rate_with_interval, win_rate_with_interval
 from selfalign.judging.judge import JudgeConfig
+from selfalign.statistics import rate_with_interval, win_rate_with_interval
 
 CONFIG = SimpleNamespace(bootstrap_samples=500, seed=0, judge=JudgeConfig())
 
@@ -37,7 +37,7 @@ def test_intervals_never_have_zero_width_at_0_and_100_percent():
 
 
 def test_paired_difference_uses_the_same_prompts_and_mcnemar():
-    from selfalign.evaluation.statistics import paired_difference
+    from selfalign.statistics import paired_difference
 
     variant = [True] * 30 + [False] * 10 + [None]
     base = [False] * 36 + [True] * 4 + [True]
@@ -72,8 +72,8 @@ def test_pairwise_averages_both_orders_and_measures_position_bias():
         return math.log(p_a if continuation == " A" else 1 - p_a)
 
     judge = scripted_model(rules=lambda prompt: "", score_rule=first_is_better)
-    results = compare_answers(judge, ["q1", "q2", "q3"], ["good answer", "plain", "same"], ["plain", "good answer", "same"],
-                              "pairwise")  # fmt: skip
+    results = compare_answers(judge, ["q1", "q2", "q3"], ["good answer", "plain", "same"],
+                              ["plain", "good answer", "same"], "pairwise")  # fmt: skip
     # variant first: P(variant) 0.95; variant second: 1 - 0.75 = 0.25; averaged 0.6 (collapsing would say "tie")
     assert results[0]["outcome"] == pytest.approx(0.6) and results[0]["consistent"] is False
     assert results[1]["outcome"] == pytest.approx(0.4)

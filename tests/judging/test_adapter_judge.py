@@ -6,6 +6,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from selfalign.backends.base import GenerationParams
+from selfalign.backends.language_model import ModelConfig, load_language_model
 from selfalign.errors import SelfAlignError
 from selfalign.judging import tuning
 from selfalign.judging.adapter_judge import (
@@ -19,7 +20,6 @@ from selfalign.judging.adapter_judge import (
 from selfalign.judging.judge import JudgeConfig, TemplateJudge, build_judge, load_judge_file
 from selfalign.judging.templates import load_template
 from selfalign.judging.tuning import TuneJudgeConfig, tune_judge
-from selfalign.models.language_model import ModelConfig, load_language_model
 
 PROMPTS = [
     "How do I kill a Python process?",

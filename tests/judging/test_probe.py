@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from selfalign.backends.language_model import POOLINGS, ModelConfig, load_language_model
 from selfalign.errors import SelfAlignError
 from selfalign.judging.judge import JudgeConfig, build_judge, load_judge_file
 from selfalign.judging.probe import (
@@ -17,7 +18,6 @@ from selfalign.judging.probe import (
     select_probe,
 )
 from selfalign.judging.tuning import TuneJudgeConfig, tune_judge
-from selfalign.models.language_model import POOLINGS, ModelConfig, load_language_model
 from tests.scripted import scripted_model
 
 PROMPTS = [

@@ -59,7 +59,8 @@ def test_tune_judge_writes_every_metric_for_every_template_and_mode(model, tmp_p
     for result in summary["results"]:
         assert METRICS <= set(result["test"]) and METRICS <= set(result["dev"])
         assert result["test"]["n"] == 12
-        assert result["seconds_per_item"] >= 0
+        # timed, not filled in: every design that reads the model takes time; the rule reads no model
+        assert result["seconds_per_item"] > 0 if result["mode"] != "rule" else result["seconds_per_item"] < 1e-3
         if result["mode"] == "logprob":
             assert result["test"]["auroc"] is not None and result["threshold"] is not None
         elif result["mode"] == "rule":

@@ -216,3 +216,48 @@ def test_a_trained_judge_without_its_weights_fails_when_the_config_loads(tmp_pat
     with pytest.raises(SelfAlignError, match="weights: a probe judge needs the file or folder of its trained weights"):
         demo(tmp_path, "judge.design=probe")
     assert ran == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.settings.prompt_format=plain", "training.settings.prompt_format is set by the pipeline from "
+         "model.prompt_format; set it there"),
+        ("training.settings.system_prompt=Kind", "training.settings.system_prompt is set by the pipeline from "
+         "model.system_prompt"),
+        ("training.settings.dtype=bfloat16", "training.settings.dtype is set by the pipeline from model.dtype"),
+        ("rounds=2 training.dpo=false training.dpo_from_sft=false", "rounds: 2 repeats preferences -> DPO"),
+    ],
+)  # fmt: skip
+def test_settings_that_model_owns_or_that_nothing_would_use_are_config_errors(tmp_path, ran, override, message):
+    """These were once accepted and then silently overwritten (prompt_format, system_prompt) or planned for nothing."""
+    with pytest.raises(SelfAlignError, match=re.escape(message)):
+        run_pipeline(demo(tmp_path, *override.split(" ")))
+    assert ran == []
+
+
+def test_model_dtype_and_4bit_reach_training_where_model_sets_them(tmp_path):
+    from selfalign.pipeline.stages import _training_settings
+
+    default = _training_settings(demo(tmp_path))
+    assert "dtype" not in default and "quantization" not in default
+    settings = _training_settings(demo(tmp_path, "model.dtype=bfloat16", "model.load_in_4bit=true"))
+    assert settings["dtype"] == "bfloat16" and settings["quantization"] == "4bit"
+
+
+def test_dry_run_of_only_one_stage_says_what_the_run_would_do(tmp_path, ran):
+    """`--only preferences` on a fresh folder stops at preferences (tune-judge has not run): the dry run said `run`,
+    and printed folders named from placeholder input hashes that the real run would never use."""
+    from selfalign.pipeline.engine import print_plan
+
+    config = demo(tmp_path)
+    plan, _ = run_pipeline(config, only="preferences", dry_run=True)
+    by_name = {p.stage.name: p for p in plan}
+    assert by_name["preferences"].blocked_by == ["tune-judge"]
+    assert "preferences      blocked needs tune-judge, which has not run" in print_plan(plan)
+    with pytest.raises(SelfAlignError, match="stage preferences needs tune-judge, which has not run"):
+        run_pipeline(config, only="preferences")
+    plan, _ = run_pipeline(config, dry_run=True)  # the whole run: nothing is blocked, later folders are not known yet
+    assert all(not p.blocked_by for p in plan) and plan[0].folder is not None
+    assert {p.stage.name for p in plan if p.folder is None} == {"preferences", "sft", "dpo", "evaluate", "report"}
+    assert "(folder named once its inputs exist)" in print_plan(plan)

@@ -3,14 +3,14 @@
 import json
 
 from selfalign.pipeline.stages import count_evaluation_tokens, count_preference_tokens, count_training_tokens
-from selfalign.preferences.pipeline import run_pipeline
+from selfalign.preferences.pipeline import run_preferences
 from tests.preferences.conftest import read_jsonl, scenario_config, scenario_models
 
 
 def test_preference_tokens_are_the_policys_generated_tokens(tmp_path):
     scenario = scenario_config(tmp_path)
     out = tmp_path / "out"
-    run_pipeline(scenario, out, scenario_models(scenario))
+    run_preferences(scenario, out, scenario_models(scenario))
     tokens = count_preference_tokens(out)
     responses = read_jsonl(out / "stages" / "responses.jsonl")
     revisions = read_jsonl(out / "stages" / "revisions.jsonl")

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from selfalign.backends.language_model import LanguageModel, ModelConfig
 from selfalign.backends.scripted import ScriptedBackend
 from selfalign.judging.judge import JudgeConfig
 from selfalign.models.formats import get_prompt_format
-from selfalign.models.language_model import LanguageModel, ModelConfig
 from selfalign.preferences.config import PreferencesConfig, PromptSet
-from selfalign.preferences.stages import Models
+from selfalign.preferences.stage_files import Models
 
 # tag -> what the policy says: its answer, its revision per attempt (the last one repeats), its refusal when told to
 SCENARIO = {

@@ -1,17 +1,16 @@
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
+from tests.cli_runner import run_cli
 from tests.preferences.conftest import read_jsonl, scenario_config, scenario_models
 
-from selfalign.cli.main import main
 from selfalign.errors import SelfAlignError
 from selfalign.preferences.build import drop_degenerate, split_pairs
 from selfalign.preferences.config import PreferencesConfig, load_preferences_config
-from selfalign.preferences.pipeline import run_pipeline
+from selfalign.preferences.pipeline import run_preferences
 from selfalign.preferences.respond import load_prompt_items
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,14 +31,6 @@ prompts:
   - {data: "builtin:helpful:train", source: benign, limit: 2}
 chunk_size: 2
 """
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["selfalign", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 def test_cli_runs_the_whole_engine_from_a_yaml_config(tmp_path, monkeypatch, capsys):
@@ -107,7 +98,7 @@ def test_judge_file_from_tune_judge_with_its_measured_accuracy(tmp_path):
         config.judge.model_copy(update={"min_label_mass": 0.01}),
         config.judge_results,
     )
-    card = (run_pipeline(scenario, tmp_path / "out", scenario_models(scenario)) / "README.md").read_text()
+    card = (run_preferences(scenario, tmp_path / "out", scenario_models(scenario)) / "README.md").read_text()
     assert (
         "| judge accuracy | accuracy 75.0%, F1 70.0%, AUROC 0.810, abstained 1/24 on the test split of builtin:" in card
     )

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from selfalign.preferences.config import load_preferences_config
-from selfalign.preferences.pipeline import run_pipeline
+from selfalign.preferences.pipeline import run_preferences
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ revision: {n_attempts: 1, generation: {max_new_tokens: 40, temperature: 0.7, top
 chunk_size: 16
 """
     )
-    dataset = run_pipeline(load_preferences_config(tmp_path / "c.yaml"), tmp_path / "out")
+    dataset = run_preferences(load_preferences_config(tmp_path / "c.yaml"), tmp_path / "out")
     funnel = json.loads((dataset / "funnel.json").read_text())
     steps = {row["step"]: (row["refusal"], row["helpful"]) for row in funnel["steps"]}
     assert steps["prompts"] == (6, 6)

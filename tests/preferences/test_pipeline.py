@@ -3,7 +3,7 @@ import json
 import datasets
 from tests.preferences.conftest import ScenarioBackend, read_jsonl, scenario_config, scenario_models
 
-from selfalign.preferences.pipeline import run_pipeline
+from selfalign.preferences.pipeline import run_preferences
 
 
 def funnel_of(dataset_dir):
@@ -12,7 +12,7 @@ def funnel_of(dataset_dir):
 
 
 def test_funnel_numbers_on_the_hand_made_scenario(scenario, tmp_path):
-    dataset = run_pipeline(scenario, tmp_path / "out", scenario_models(scenario))
+    dataset = run_preferences(scenario, tmp_path / "out", scenario_models(scenario))
     steps, funnel = funnel_of(dataset)
     assert steps == {
         "prompts": (6, 6),
@@ -69,7 +69,7 @@ def test_funnel_numbers_on_the_hand_made_scenario(scenario, tmp_path):
 
 
 def test_abstentions_never_become_pairs(scenario, tmp_path):
-    dataset = run_pipeline(scenario, tmp_path / "out", scenario_models(scenario))
+    dataset = run_preferences(scenario, tmp_path / "out", scenario_models(scenario))
     keys = {
         row["key"].split("/")[-1] for row in read_jsonl(dataset / "train.jsonl") + read_jsonl(dataset / "eval.jsonl")
     }
@@ -81,7 +81,7 @@ def test_abstentions_never_become_pairs(scenario, tmp_path):
 
 def test_generation_is_batched_by_chunk(scenario, tmp_path):
     backend = ScenarioBackend(seed=scenario.seed)
-    run_pipeline(scenario, tmp_path / "out", scenario_models(scenario, backend))
+    run_preferences(scenario, tmp_path / "out", scenario_models(scenario, backend))
     # 12 prompts answered in chunks of 4; 10 answers judged in chunks of 4 (one scoring call asks for " 1" and " 0")
     calls = [(kind, len(prompts)) for kind, prompts in backend.calls[:6]]
     assert calls == [("generate", 4)] * 3 + [("score", 8), ("score", 8), ("score", 4)]
@@ -90,7 +90,7 @@ def test_generation_is_batched_by_chunk(scenario, tmp_path):
 def test_n_attempts_one_accepts_only_first_attempts(tmp_path):
     config = scenario_config(tmp_path)
     config.revision.n_attempts = 1
-    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config))
+    dataset = run_preferences(config, tmp_path / "out", scenario_models(config))
     steps, funnel = funnel_of(dataset)
     assert steps["revision accepted (judged harmless)"] == (1, None)
     assert [row["attempt"] for row in funnel["attempts"]] == [1]
@@ -99,7 +99,7 @@ def test_n_attempts_one_accepts_only_first_attempts(tmp_path):
 def test_three_attempts_stop_revising_what_was_accepted(tmp_path):
     config = scenario_config(tmp_path)
     config.revision.n_attempts = 3
-    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config))
+    dataset = run_preferences(config, tmp_path / "out", scenario_models(config))
     _, funnel = funnel_of(dataset)
     assert [(row["attempt"], row["revised"], row["accepted"]) for row in funnel["attempts"]] == [
         (1, 3, 1), (2, 2, 1), (3, 1, 0)
@@ -121,7 +121,7 @@ def test_helpful_mix_sets_the_share_of_helpful_pairs(tmp_path):
     kept = {}
     for mix in (0.0, 0.2, 0.5, 0.75, 0.9):
         config.helpful_mix = mix
-        dataset = run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+        dataset = run_preferences(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
         steps, funnel = funnel_of(dataset)
         kept[mix] = (funnel["kept"]["refusal"], funnel["kept"]["helpful"], steps["pairs after cleaning"][1])
     # 2 refusal pairs; helpful pairs wanted = round(2 * mix / (1 - mix)), at most the 6 available
@@ -143,7 +143,7 @@ def test_duplicate_pairs_are_dropped_and_counted(tmp_path):
     again = PromptSet(data=str(write_prompts(tmp_path / "again.jsonl", ["b1", "b5"])), source="benign")
     config.prompts = [*config.prompts, again]
     config.helpful_mix = 0.75
-    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config))
+    dataset = run_preferences(config, tmp_path / "out", scenario_models(config))
     steps, funnel = funnel_of(dataset)
     assert steps["pairs formed"] == (2, 4)
     assert steps["degenerate pairs dropped"] == (0, 2)
@@ -158,7 +158,7 @@ def test_critique_then_revise_draws_principles_and_stores_the_constitution(tmp_p
     config = scenario_config(tmp_path)
     config.revision.strategy = "critique-then-revise"
     backend = ScenarioBackend(seed=config.seed)
-    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config, backend))
+    dataset = run_preferences(config, tmp_path / "out", scenario_models(config, backend))
     revisions = read_jsonl(tmp_path / "out" / "stages" / "revisions.jsonl")
     assert all(
         row["principle"] and row["critique"].startswith("The problem with this reply is that") for row in revisions
@@ -190,7 +190,7 @@ def test_no_refusal_pair_stops_the_stage_with_the_funnel_in_the_message(tmp_path
     scenario, config = _scenario_with(tmp_path, changes)
     config.helpful_mix = 0.6
     with pytest.raises(SelfAlignError) as raised:
-        run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+        run_preferences(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
     message = str(raised.value)
     assert "\n" not in message
     assert "0 of 6 red-team answers judged harmful by one-shot/logprob" in message
@@ -216,16 +216,16 @@ def test_refusal_pairs_without_any_helpful_pair_stop_the_stage_when_a_mix_is_ask
         r"one-shot/logprob, not refusals and not degenerate, 0 refusals written"
     )
     with pytest.raises(SelfAlignError, match=expected):
-        run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+        run_preferences(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
     config.helpful_mix = 0.0  # no mix asked for: refusal pairs alone are a valid dataset
-    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+    dataset = run_preferences(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
     assert json.loads((dataset / "funnel.json").read_text())["kept"] == {"refusal": 2, "helpful": 0}
 
 
 def test_without_the_forced_prefix_the_model_writes_the_whole_revision(tmp_path):
     config = scenario_config(tmp_path)
     config.revision.force_prefix = False
-    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config))
+    dataset = run_preferences(config, tmp_path / "out", scenario_models(config))
     steps, _ = funnel_of(dataset)
     assert steps["revision accepted (judged harmless)"] == (2, None)
     # no revision the scripted model writes on its own reads as a refusal to the detector
@@ -242,7 +242,7 @@ def test_a_degenerate_answer_never_becomes_chosen(tmp_path):
     # b5's helpful answer loops, so it yields no helpful pair; r1's first revision loops, so attempt 2 re-samples it
     changes = {"b5": {"answer": LOOP}, "r1": {"revisions": [LOOP, "Poisoning a well hurts a whole village."]}}
     scenario, config = _scenario_with(tmp_path, changes)
-    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+    dataset = run_preferences(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
     steps, funnel = funnel_of(dataset)
     assert steps["answer degenerate (loops, repeats itself or empty: never chosen)"] == (1, 2)  # r6 | b5, b6
     assert steps["helpful candidates (judged harmless, not a refusal, not degenerate)"] == (None, 1)  # b1

@@ -11,7 +11,7 @@ import pytest
 from tests.preferences.conftest import ScenarioBackend, read_jsonl, scenario_config, scenario_models
 
 from selfalign.errors import SelfAlignError
-from selfalign.preferences.pipeline import run_pipeline, run_stage
+from selfalign.preferences.pipeline import run_preferences, run_stage
 
 STAGE_FILES = ("responses", "judgments", "revisions", "helpful")
 RESULT_FILES = ("train.jsonl", "eval.jsonl", "README.md", "funnel.json")
@@ -32,7 +32,7 @@ def assert_no_item_twice(out: Path) -> None:
 def uninterrupted(tmp_path):
     config = scenario_config(tmp_path)
     backend = ScenarioBackend(seed=config.seed)
-    run_pipeline(config, tmp_path / "reference", scenario_models(config, backend))
+    run_preferences(config, tmp_path / "reference", scenario_models(config, backend))
     return config, results(tmp_path / "reference"), len(backend.calls)
 
 
@@ -42,10 +42,11 @@ def test_interrupted_anywhere_then_resumed_gives_the_same_dataset(uninterrupted,
     for stop_at in range(1, total_calls + 1):  # every model call of every stage
         out = tmp_path / f"stopped-at-{stop_at}"
         with pytest.raises(KeyboardInterrupt):
-            run_pipeline(config, out, scenario_models(config, ScenarioBackend(seed=config.seed, interrupt_at=stop_at)))
+            backend = ScenarioBackend(seed=config.seed, interrupt_at=stop_at)
+            run_preferences(config, out, scenario_models(config, backend))
         assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
         resumed = ScenarioBackend(seed=config.seed)
-        run_pipeline(config, out, scenario_models(config, resumed))
+        run_preferences(config, out, scenario_models(config, resumed))
         assert results(out) == expected, f"stopped at call {stop_at}"
         assert_no_item_twice(out)
         # finished work is not done again: at most the calls of the chunk in flight (a revision's generate and judge)
@@ -55,12 +56,12 @@ def test_interrupted_anywhere_then_resumed_gives_the_same_dataset(uninterrupted,
 def test_a_torn_last_line_is_redone(uninterrupted, tmp_path):
     config, expected, _ = uninterrupted
     out = tmp_path / "torn"
-    run_pipeline(config, out, scenario_models(config))
+    run_preferences(config, out, scenario_models(config))
     responses = out / "stages" / "responses.jsonl"
     lines = responses.read_text().splitlines(keepends=True)
     responses.write_text("".join(lines[:-1]) + lines[-1][:25])  # killed in the middle of writing the last row
     backend = ScenarioBackend(seed=config.seed)
-    run_pipeline(config, out, scenario_models(config, backend))
+    run_preferences(config, out, scenario_models(config, backend))
     assert results(out) == expected
     assert [len(prompts) for kind, prompts in backend.calls] == [1]  # only the torn item is answered again
     assert_no_item_twice(out)
@@ -68,9 +69,9 @@ def test_a_torn_last_line_is_redone(uninterrupted, tmp_path):
 
 def test_a_finished_run_rebuilds_without_calling_the_model(uninterrupted, tmp_path):
     config, expected, _ = uninterrupted
-    run_pipeline(config, tmp_path / "again", scenario_models(config))
+    run_preferences(config, tmp_path / "again", scenario_models(config))
     backend = ScenarioBackend(seed=config.seed)
-    run_pipeline(config, tmp_path / "again", scenario_models(config, backend))
+    run_preferences(config, tmp_path / "again", scenario_models(config, backend))
     assert backend.calls == [] and results(tmp_path / "again") == expected
 
 

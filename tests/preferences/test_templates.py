@@ -1,9 +1,10 @@
 import json
+
 import pytest
 from tests.preferences.conftest import SCENARIO, ScenarioBackend, read_jsonl, scenario_config, scenario_models
 
 from selfalign.errors import SelfAlignError
-from selfalign.preferences.pipeline import run_pipeline
+from selfalign.preferences.pipeline import run_preferences
 from selfalign.preferences.templates import (
     load_constitution,
     load_refusal_template,
@@ -111,7 +112,7 @@ def test_revision_accepted_only_when_harmless_non_empty_and_different(tmp_path):
         PromptSet(data=str(write_prompts(tmp_path / "b.jsonl", ["b1"], scenario)), source="benign"),
     ]
     config.revision.strategy, config.revision.n_attempts = strategy, 3
-    run_pipeline(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+    run_preferences(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
     rows = {row["key"].split("/")[-1]: row for row in read_jsonl(tmp_path / "out" / "stages" / "revisions.jsonl")}
     assert {key: row["why_not_accepted"] for key, row in rows.items()} == {
         "r1#1": "empty", "r2#1": "judged harmful", "r3#1": None,
@@ -182,7 +183,7 @@ def test_principle_driven_answers_read_the_principles_but_the_pairs_keep_the_bar
             update={"file": str(path), "exemplars": 2})}
     )  # fmt: skip
     backend = ScenarioBackend()
-    dataset = run_pipeline(config, tmp_path / "out", scenario_models(config, backend))
+    dataset = run_preferences(config, tmp_path / "out", scenario_models(config, backend))
     answered = [p for kind, prompts in backend.calls for p in prompts if "Question: How do I poison a well? <r1>" in p]
     assert answered and answered[0].startswith("You are a careful assistant.\n- Answer safe requests fully.")
     assert "Question: How do I poison my neighbour's dog?\nAnswer: I won't help hurt an animal." in answered[0]
@@ -196,3 +197,4 @@ def test_principle_driven_answers_read_the_principles_but_the_pairs_keep_the_bar
     funnel = json.loads((dataset / "funnel.json").read_text())
     steps = {step["step"]: step["refusal"] for step in funnel["steps"]}
     assert steps["... and the bare answer not a refusal (engraved pairs)"] == 1
+    assert "| policy prompt | principle-driven: " in (dataset / "README.md").read_text()

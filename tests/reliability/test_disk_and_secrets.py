@@ -16,7 +16,7 @@ import pytest
 
 from selfalign.errors import SelfAlignError
 from selfalign.judging.templates import load_template
-from selfalign.preferences.pipeline import run_pipeline
+from selfalign.preferences.pipeline import run_preferences
 from selfalign.preferences.templates import load_refusal_template, load_revision_template, render_step
 from tests.preferences.conftest import ScenarioBackend, read_jsonl, scenario_config, scenario_models
 from tests.reliability.tally import count
@@ -35,7 +35,7 @@ def progress_rows(out: Path) -> dict[str, list[str]]:
 @pytest.fixture
 def uninterrupted(tmp_path):
     config = scenario_config(tmp_path)
-    run_pipeline(config, tmp_path / "reference", scenario_models(config))
+    run_preferences(config, tmp_path / "reference", scenario_models(config))
     return config, dataset_files(tmp_path / "reference")
 
 
@@ -59,15 +59,15 @@ def test_disk_full_gives_one_clear_error_keeps_the_rows_and_a_rerun_resumes(full
 
     monkeypatch.setattr(os, "fsync", fsync_until_full)
     with pytest.raises(SelfAlignError) as error:
-        run_pipeline(config, out, scenario_models(config))
+        run_preferences(config, out, scenario_models(config))
     message = str(error.value)
     assert "\n" not in message and "No space left on device" in message and str(out) in message, message
     kept = progress_rows(out) if (out / "stages").exists() else {}
     monkeypatch.setattr(os, "fsync", real_fsync)  # space freed
 
-    assert progress_rows(out) == kept if kept else True  # what was written before the error is still there
+    assert progress_rows(out) == kept  # what was written before the error is still there, nothing more or less
     backend = ScenarioBackend(seed=config.seed)
-    run_pipeline(config, out, scenario_models(config, backend))
+    run_preferences(config, out, scenario_models(config, backend))
     assert dataset_files(out) == expected
     for name, keys in progress_rows(out).items():
         assert len(keys) == len(set(keys)), name
@@ -105,7 +105,7 @@ def test_a_read_only_output_folder_gives_one_clear_error_and_keeps_what_is_there
                                                                                  monkeypatch):  # fmt: skip
     config, expected = uninterrupted
     out = tmp_path / "out"
-    run_pipeline(config, out, scenario_models(config))
+    run_preferences(config, out, scenario_models(config))
     responses = out / "stages" / "responses.jsonl"
     lines = responses.read_text().splitlines(keepends=True)
     responses.write_text("".join(lines[:3]))  # a run that had answered 3 prompts when the folder became read-only
@@ -115,11 +115,11 @@ def test_a_read_only_output_folder_gives_one_clear_error_and_keeps_what_is_there
     with monkeypatch.context() as read_only:
         refuse_writes_under(out, read_only)
         with pytest.raises(SelfAlignError) as error:
-            run_pipeline(config, out, scenario_models(config))
+            run_preferences(config, out, scenario_models(config))
     message = str(error.value)
     assert "\n" not in message and "Read-only file system" in message and str(out) in message, message
     assert responses.read_bytes() == before
-    run_pipeline(config, out, scenario_models(config))  # writable again: resumes
+    run_preferences(config, out, scenario_models(config))  # writable again: resumes
     assert dataset_files(out) == expected
     count("read-only cases")
 
@@ -132,7 +132,7 @@ def test_a_chmod_read_only_output_folder(uninterrupted, tmp_path):
     out.chmod(0o555)
     try:
         with pytest.raises(SelfAlignError, match="cannot write"):
-            run_pipeline(config, out, scenario_models(config))
+            run_preferences(config, out, scenario_models(config))
     finally:
         out.chmod(0o755)
     count("read-only cases")
@@ -153,7 +153,7 @@ def test_no_secret_reaches_a_log_manifest_report_or_dataset_card(tmp_path, monke
     """The run pipeline with the scripted model (tune-judge, preferences, evaluate, report; training replaced by
     a stand-in that records its settings, as tests/pipeline/test_pipeline.py does: the real trainer's files are
     checked for these canaries in tests/training/test_sft.py)."""
-    from selfalign.pipeline import run_pipeline as run_everything
+    from selfalign.pipeline import run_preferences as run_everything
     from selfalign.pipeline import stages as stages_module
     from selfalign.pipeline.config import load_run_config
 

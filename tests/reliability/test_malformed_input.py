@@ -30,6 +30,7 @@ from selfalign.judging.templates import load_template
 from selfalign.pipeline.config import RunConfig
 from selfalign.preferences.templates import load_constitution, load_refusal_template, load_revision_template
 from selfalign.templating import render_template
+from tests.cli_runner import run_cli
 from tests.reliability.tally import count
 
 FILE_NUMBERS = itertools.count()  # template loaders cache by path: every example gets a new file name
@@ -215,13 +216,6 @@ def test_run_config_sections_of_the_wrong_shape(section, value):
 # ---- the CLI ----------------------------------------------------------------------------------------------------
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["selfalign", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code or 0, capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     ("command", "suffix", "content"),
     [
@@ -239,7 +233,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 def test_cli_prints_one_error_line_and_exits_2(command, suffix, content, monkeypatch, capsys):
     path = scratch_file(suffix, content)
     monkeypatch.chdir(SCRATCH)
-    code, stderr = run_cli(monkeypatch, capsys, *[part.replace("{file}", str(path)) for part in command])
+    code, _, stderr = run_cli(monkeypatch, capsys, *[part.replace("{file}", str(path)) for part in command])
     assert code == 2, stderr
     assert stderr.startswith("error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     count("CLI error cases")

@@ -1,22 +1,11 @@
 """`selfalign train sft|dpo` from the command line: SFT, then DPO on top with a merged model; errors in one line."""
 
 import json
-import sys
 
-import pytest
-
-from selfalign.cli.main import main
+from tests.cli_runner import run_cli
 from tests.training.conftest import make_pairs, write_pairs
 
 FEW_STEPS = ["max_steps=2", "max_length=64", "progress_bar=false", "save_steps=1000"]
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["selfalign", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 def test_sft_then_dpo_with_a_merged_model(tiny_model_dir, pairs_file, tmp_path, monkeypatch, capsys):

@@ -24,8 +24,8 @@ from selfalign.backends.base import (
     check_score_inputs,
     truncate_at_stop,
 )
+from selfalign.backends.language_model import POOLINGS
 from selfalign.errors import SelfAlignError
-from selfalign.models.language_model import POOLINGS
 from selfalign.progress import progress_bar
 
 MIN_SHARED_PREFIX = 16  # tokens; below this a shared prefix is not worth its bookkeeping

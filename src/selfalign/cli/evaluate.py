@@ -69,7 +69,7 @@ def compare_command(
     from rich.table import Table
 
     from selfalign.backends.base import GenerationParams
-    from selfalign.models.language_model import ModelConfig, load_language_model
+    from selfalign.backends.language_model import ModelConfig, load_language_model
 
     variants = {"base": None, **parse_adapters(adapter)}
     table = Table(*variants, show_lines=True)
@@ -89,7 +89,7 @@ def chat_command(
 ) -> None:
     """Talk to one model variant in the terminal (an empty line or Ctrl-D ends)."""
     from selfalign.backends.base import GenerationParams
-    from selfalign.models.language_model import ModelConfig, load_language_model
+    from selfalign.backends.language_model import ModelConfig, load_language_model
 
     variant = load_language_model(ModelConfig(model=model, adapter=adapter))
     variant.backend.show_progress = False
@@ -116,8 +116,8 @@ def rescore_command(
     judge_model: Annotated[str | None, typer.Option(help="Another model to judge with.")] = None,
 ) -> None:
     """Judge saved answers again with another judge, without generating; write new metrics beside the old."""
+    from selfalign.backends.language_model import ModelConfig
     from selfalign.judging.judge import JudgeConfig, load_judge_file
-    from selfalign.models.language_model import ModelConfig
 
     # a judge.yaml goes through the one loader (weights resolved beside it); flags on the command line then apply
     data = load_judge_file(judge).model_dump(exclude_unset=True) if judge is not None else {}

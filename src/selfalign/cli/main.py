@@ -241,7 +241,7 @@ def data_audit(
 ) -> None:
     """Measure how well style alone labels a judge set: a cue classifier and the no-model rule, fit on dev, scored
     on test. A measurement, so it exits 0 unless --aim is given and exceeded."""
-    from selfalign.data.audit import audit_labeled, audit_lines
+    from selfalign.judging.audit import audit_labeled, audit_lines
 
     name = reference if ":" in reference or Path(reference).suffix else f"builtin:{reference}"
     result = audit_labeled(name)

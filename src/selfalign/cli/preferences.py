@@ -33,9 +33,9 @@ def preferences(
     templates used to OUT/dataset.
     """
     from selfalign.preferences.config import load_preferences_config
-    from selfalign.preferences.pipeline import run_pipeline
+    from selfalign.preferences.pipeline import run_preferences
 
-    dataset = run_pipeline(load_preferences_config(config, overrides), out, push_to_hub=push_to_hub)
+    dataset = run_preferences(load_preferences_config(config, overrides), out, push_to_hub=push_to_hub)
     kept = json.loads((dataset / "funnel.json").read_text(encoding="utf-8"))["kept"]
     typer.echo(
         f"wrote {sum(kept.values())} pairs ({kept['refusal']} refusal, {kept['helpful']} helpful) to {dataset}; "

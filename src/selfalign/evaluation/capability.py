@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from selfalign.backends.language_model import LanguageModel
 from selfalign.data.loading import read_reference_rows
 from selfalign.errors import SelfAlignError
-from selfalign.models.language_model import LanguageModel
 
 COLUMNS = ("question", "choices", "answer")
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from selfalign.evaluation.pairwise import position_bias
 from selfalign.evaluation.refusal_classes import CLASSES
-from selfalign.evaluation.statistics import paired_difference, rate_with_interval, win_rate_with_interval
 from selfalign.quality import measure_answer, summarize_answers
+from selfalign.statistics import paired_difference, rate_with_interval, win_rate_with_interval
 
 
 def _judged_harmless(sample: dict) -> bool | None:
@@ -143,8 +143,8 @@ def _refusal_classes(rows: list[dict]) -> dict:
         labels = [row.get(f"refusal_class_{reader}") for row in rows]
         result[reader] = {name: rate_with_interval([None if label is None else label == name for label in labels])
                           for name in CLASSES}  # fmt: skip
-    pairs = [(row["refusal_class_detector"], row["refusal_class_judge"]) for row in rows
-             if row.get("refusal_class_detector") is not None and row.get("refusal_class_judge") is not None]  # fmt: skip
+    pairs = [(row.get("refusal_class_detector"), row.get("refusal_class_judge")) for row in rows]
+    pairs = [(detector, judge) for detector, judge in pairs if detector is not None and judge is not None]
     result["agreement"] = _label_agreement(pairs)
     return result
 

@@ -18,9 +18,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
+from selfalign.backends.language_model import LanguageModel
 from selfalign.config import loaded_by
 from selfalign.errors import SelfAlignError
-from selfalign.models.language_model import LanguageModel
 from selfalign.templating import parse_template_yaml, read_template_file, render_template, template_variables
 
 REQUIRED = ("request", "answer_a", "answer_b")

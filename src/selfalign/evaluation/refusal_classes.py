@@ -20,9 +20,9 @@ import re
 from collections.abc import Sequence
 from importlib import resources
 
+from selfalign.backends.language_model import LanguageModel
 from selfalign.errors import SelfAlignError
 from selfalign.judging.refusal import RefusalVerdict, normalize_answer
-from selfalign.models.language_model import LanguageModel
 from selfalign.templating import parse_template_yaml, render_template
 
 CLASSES = ("full_compliance", "full_refusal", "partial_refusal")

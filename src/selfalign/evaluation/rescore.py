@@ -11,12 +11,12 @@ import json
 import re
 from pathlib import Path
 
+from selfalign.backends.language_model import load_language_model
 from selfalign.data.jsonl import read_jsonl, write_jsonl_atomic, write_text_atomic
 from selfalign.errors import SelfAlignError
 from selfalign.evaluation.metrics import compute_metrics
 from selfalign.evaluation.run import EvaluateConfig
 from selfalign.judging.judge import JudgeConfig, build_judge
-from selfalign.models.language_model import load_language_model
 
 
 def rescore(eval_dir: Path, judge: JudgeConfig) -> tuple[Path, dict]:

@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from selfalign.backends.base import GenerationParams
+from selfalign.backends.language_model import LanguageModel, ModelConfig, load_language_model
 from selfalign.config import StrictModel
 from selfalign.data.jsonl import write_jsonl_atomic, write_text_atomic
 from selfalign.data.loading import load_rows
@@ -35,7 +36,6 @@ from selfalign.evaluation.refusal_classes import detector_class, judge_classes
 from selfalign.judging.judge import JudgeConfig, build_judge
 from selfalign.judging.refusal import RefusalDetector
 from selfalign.judging.templates import JudgeTemplateName
-from selfalign.models.language_model import LanguageModel, ModelConfig, load_language_model
 
 logger = logging.getLogger(__name__)
 BASE = "base"
@@ -211,7 +211,8 @@ def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
 
     # ---- 4. metrics and report --------------------------------------------------------------------------------
     samples = [
-        {"variant": variant, **answer, **judgment, **({"external_label": second_labels[variant][i]} if second_labels else {})}
+        {"variant": variant, **answer, **judgment,
+         **({"external_label": second_labels[variant][i]} if second_labels else {})}  # fmt: skip
         for variant in variants
         for i, (answer, judgment) in enumerate(zip(answers[variant], judgments[variant]))
     ]

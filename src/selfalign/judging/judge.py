@@ -26,11 +26,11 @@ from typing import Literal, Protocol
 from pydantic import Field, model_validator
 
 from selfalign.backends.base import GenerationParams
+from selfalign.backends.language_model import LanguageModel, ModelConfig
 from selfalign.config import StrictModel
 from selfalign.errors import SelfAlignError
 from selfalign.judging.parsing import parse_verdict
 from selfalign.judging.templates import JudgeMode, JudgeTemplate, JudgeTemplateName, load_template
-from selfalign.models.language_model import LanguageModel, ModelConfig
 
 Source = Literal["harmful", "benign"]  # where a prompt came from: a red-team set, or a benign/helpful set
 LABEL_CONTINUATIONS = (" 1", " 0")

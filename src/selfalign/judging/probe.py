@@ -22,12 +22,12 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
+from selfalign.backends.language_model import LanguageModel, Pooling
 from selfalign.config import StrictModel, format_validation_error
 from selfalign.data.jsonl import write_text_atomic
 from selfalign.errors import SelfAlignError
 from selfalign.judging.judge import JudgeConfig, JudgeStats, Judgment, Source, _check_lengths, _hazard_categories
 from selfalign.judging.templates import JudgeTemplate, load_template
-from selfalign.models.language_model import LanguageModel, Pooling
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from selfalign.backends.language_model import LanguageModel, ModelConfig, load_language_model
 from selfalign.config import StrictModel
 from selfalign.data.jsonl import write_jsonl_atomic, write_text_atomic
 from selfalign.data.loading import load_rows
@@ -31,7 +32,6 @@ from selfalign.judging.judge import JudgeConfig, Judgment, TemplateJudge, combin
 from selfalign.judging.metrics import best_threshold, binary_metrics
 from selfalign.judging.refusal import RefusalDetector
 from selfalign.judging.templates import JudgeMode, JudgeTemplateName, builtin_template_names, load_template
-from selfalign.models.language_model import LanguageModel, ModelConfig, load_language_model
 
 logger = logging.getLogger(__name__)
 

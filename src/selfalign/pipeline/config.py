@@ -11,12 +11,12 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from selfalign.backends.language_model import ModelConfig
 from selfalign.config import StrictModel, load_config
 from selfalign.errors import SelfAlignError
 from selfalign.evaluation.run import EvaluateConfig
 from selfalign.judging.judge import JudgeConfig
 from selfalign.judging.tuning import TuneJudgeConfig
-from selfalign.models.language_model import ModelConfig
 from selfalign.preferences.config import PreferencesConfig
 
 # `selfalign run` with no config runs the demo: configs/demo.yaml of the current folder, else of the source checkout.
@@ -75,7 +75,19 @@ class RunConfig(StrictModel):
             raise ValueError("training: enable sft, dpo or both")
         if self.training.dpo_from_sft and not (self.training.sft and self.training.dpo):
             raise ValueError("training.dpo_from_sft needs both sft and dpo")
+        if self.rounds > 1 and not self.training.dpo:
+            raise ValueError(f"rounds: {self.rounds} repeats preferences -> DPO with the latest adapter, but "
+                             "training.dpo is false: nothing would train on the later rounds' pairs")  # fmt: skip
         return self
+
+
+# training settings that `model:` decides for every stage, so that training and generation read one value
+MODEL_OWNED_TRAINING_SETTINGS = {
+    "prompt_format": "model.prompt_format",
+    "system_prompt": "model.system_prompt",
+    "dtype": "model.dtype",
+    "quantization": "model.load_in_4bit",
+}
 
 
 def _check_training_settings(section: TrainingSection) -> None:
@@ -84,6 +96,9 @@ def _check_training_settings(section: TrainingSection) -> None:
 
     from selfalign.training.config import PRESETS, TrainingConfig
 
+    for key, owner in MODEL_OWNED_TRAINING_SETTINGS.items():
+        if key in section.settings:
+            raise ValueError(f"training.settings.{key} is set by the pipeline from {owner}; set it there")
     if section.preset not in PRESETS:
         raise ValueError(f"training.preset: unknown preset '{section.preset}'; presets: {', '.join(PRESETS)}")
     try:

@@ -8,6 +8,7 @@ setting gives the stages it affects new folders while the others stay cached.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -38,15 +39,18 @@ class Stage:
     body: Callable[[dict[str, Path], Path], None]  # (input folders, own folder) -> writes into own folder
     # own folder -> tokens it generated or trained on, read from the files the body wrote (not part of the key)
     count_tokens: Callable[[Path], dict[str, Any]] | None = None
+    # its working files, not outputs (fnmatch patterns of paths in its folder): left out of its output hash
+    unhashed: tuple[str, ...] = ()
 
 
 @dataclass
 class PlannedStage:
     stage: Stage
     key: str
-    folder: Path
+    folder: Path | None  # None in a dry run while an input does not exist yet: its hash, so the key, is unknown
     cached: bool
     will_run: bool
+    blocked_by: list[str] = field(default_factory=list)  # inputs that neither exist nor run before it (--only)
 
 
 @dataclass
@@ -58,13 +62,14 @@ class RunState:
     failed: str | None = None  # the stage that raised, if one did
 
 
-def folder_hash(folder: Path, skip: tuple[str, ...] = (MARKER,)) -> str:
-    """Content hash of a stage's outputs: every file's relative path and bytes, checkpoints and progress excluded
-    (and the temporary file of an atomic write that a kill -9 interrupted, e.g. of the marker itself)."""
+def folder_hash(folder: Path, unhashed: tuple[str, ...] = ()) -> str:
+    """Content hash of a stage's outputs: every file's relative path and bytes, except the marker, the stage's own
+    working files (`unhashed` patterns: checkpoints, resumable progress) and the temporary file of an atomic write
+    that a kill -9 interrupted (e.g. of the marker itself)."""
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder).as_posix()
-        if not path.is_file() or relative in skip or "checkpoint-" in relative or "/stages/" in f"/{relative}":
+        if not path.is_file() or relative == MARKER or any(fnmatch.fnmatch(relative, p) for p in unhashed):
             continue
         if is_atomic_write_leftover(path.name):
             continue
@@ -107,6 +112,7 @@ def run_stages(
         forced = {s.name for s in stages[start:]}
     state = state if state is not None else RunState()
     plan = state.plan
+    planned_to_run: set[str] = set()  # dry run: stages that would run, so their outputs would exist after them
     for stage in stages:
         missing = [name for name in stage.inputs if name not in state.hashes]
         input_hashes = {name: state.hashes.get(name, f"pending:{name}") for name in stage.inputs}
@@ -116,11 +122,16 @@ def run_stages(
         cached = marker is not None and not missing
         selected = only is None or stage.kind == only
         will_run = selected and (not cached or stage.name in forced)
-        plan.append(PlannedStage(stage, key, folder, cached, will_run))
         if dry_run:
-            if marker is not None:
+            # what the run would do: a stage whose input neither exists nor runs before it stops the run there
+            blocked = [name for name in missing if name not in planned_to_run] if will_run else []
+            plan.append(PlannedStage(stage, key, None if missing else folder, cached, will_run, blocked))
+            if will_run and not blocked:
+                planned_to_run.add(stage.name)
+            if marker is not None and not missing:
                 state.hashes[stage.name], state.outputs[stage.name] = marker["output_hash"], folder
             continue
+        plan.append(PlannedStage(stage, key, folder, cached, will_run))
         if not will_run:
             if marker is not None:
                 state.outputs[stage.name], state.hashes[stage.name] = folder, marker["output_hash"]
@@ -158,7 +169,7 @@ def execute(stage: Stage, folder: Path, key: str, inputs: dict[str, Path], input
         "key": key,
         "settings": stage.settings,
         "inputs": input_hashes,
-        "output_hash": folder_hash(folder),
+        "output_hash": folder_hash(folder, stage.unhashed),
         "seconds": round(seconds, 2),
         **memory.record,
         "tokens": stage.count_tokens(folder) if stage.count_tokens else None,
@@ -169,10 +180,16 @@ def execute(stage: Stage, folder: Path, key: str, inputs: dict[str, Path], input
 
 
 def print_plan(plan: list[PlannedStage]) -> str:
+    """One line per stage: run, cached or skip, and its folder (or why it is not known yet)."""
     lines = []
     for item in plan:
+        if item.blocked_by:
+            lines.append(f"{item.stage.name:<16} blocked needs {', '.join(item.blocked_by)}, which has not run; run "
+                         "without --only first")  # fmt: skip
+            continue
         status = "run" if item.will_run else ("cached" if item.cached else "skip")
-        lines.append(f"{item.stage.name:<16} {status:<7} {item.folder}")
+        where = item.folder if item.folder is not None else "(folder named once its inputs exist)"
+        lines.append(f"{item.stage.name:<16} {status:<7} {where}")
     return "\n".join(lines)
 
 

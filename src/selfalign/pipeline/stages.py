@@ -17,6 +17,7 @@ ADAPTER_RECORD = "adapter.json"  # written by the training stages: where the ada
 # Stage settings are dumped for cache keys with this context: model options that cannot change an output (servers,
 # concurrency, retries) are left out, so adding a server reruns nothing.
 CACHE_KEY = {"cache_key": True}
+CHECKPOINTS = ("*checkpoint-*",)  # what training writes to resume from: not part of a stage's output
 
 
 def plan_stages(config: RunConfig) -> list[Stage]:
@@ -28,7 +29,8 @@ def plan_stages(config: RunConfig) -> list[Stage]:
         # tune-judge generates nothing worth counting: its judges read log-probabilities of fixed answers
         stages.append(
             Stage(
-                "tune-judge", "tune-judge", [], tune.model_dump(mode="json", context=CACHE_KEY), _tune_judge_body(tune)
+                "tune-judge", "tune-judge", [], tune.model_dump(mode="json", context=CACHE_KEY), _tune_judge_body(tune),
+                unhashed=CHECKPOINTS,
             )
         )
         judge_inputs = ["tune-judge"] if config.use_tuned_judge else []
@@ -54,6 +56,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                 settings,
                 _preferences_body(config, preferences, previous_adapter_stage),
                 count_preference_tokens,
+                unhashed=("stages/*", "*/stages/*"),  # the sub-stages' resumable files (preferences.stage_files)
             )
         )
 
@@ -66,6 +69,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     {"preset": config.training.preset, "training": _training_key(config, "sft"), "stage": "sft"},
                     _training_body(config, "sft", "preferences", None),
                     count_training_tokens,
+                    unhashed=CHECKPOINTS,
                 )
             )
             adapters["sft"] = "sft"
@@ -81,6 +85,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     {"preset": config.training.preset, "training": _training_key(config, "dpo"), "stage": "dpo"},
                     _training_body(config, "dpo", f"preferences{suffix}", start_from),
                     count_training_tokens,
+                    unhashed=CHECKPOINTS,
                 )
             )
             adapters[name] = name
@@ -135,7 +140,7 @@ def adapter_folder(stage_folder: Path) -> str:
 
 def _preferences_body(config: RunConfig, preferences: Any, policy_adapter_stage: str | None):
     def body(inputs: dict[str, Path], folder: Path) -> None:
-        from selfalign.preferences.pipeline import run_pipeline
+        from selfalign.preferences.pipeline import run_preferences
 
         policy = config.model
         if policy_adapter_stage is not None:
@@ -143,19 +148,26 @@ def _preferences_body(config: RunConfig, preferences: Any, policy_adapter_stage:
         update: dict[str, Any] = {"policy": policy, "judge": judge_for(config, inputs), "out_dir": str(folder)}
         if "tune-judge" in inputs:
             update["judge_results"] = str(inputs["tune-judge"] / "results.json")
-        run_pipeline(preferences.model_copy(update=update), folder)
+        run_preferences(preferences.model_copy(update=update), folder)
 
     return body
 
 
 def _training_settings(config: RunConfig) -> dict[str, Any]:
-    """TrainingConfig fields for this run: the section's settings plus the run's model, format and seed."""
+    """TrainingConfig fields for this run: the section's settings plus the run's model, format, seed and, where
+    `model:` sets them, dtype and 4-bit loading (left out otherwise, so that each side keeps its own `auto`)."""
+    owned: dict[str, Any] = {}
+    if "dtype" in config.model.model_fields_set:
+        owned["dtype"] = config.model.dtype
+    if "load_in_4bit" in config.model.model_fields_set:
+        owned["quantization"] = "4bit" if config.model.load_in_4bit else "none"
     return {
         **config.training.settings,
         "model": config.model.model,
         "prompt_format": config.model.prompt_format,
         "system_prompt": config.model.system_prompt,
         "seed": config.seed,
+        **owned,
     }
 
 
@@ -225,7 +237,7 @@ def _sum_column(path: Path, column: str) -> int | None:
 def count_preference_tokens(folder: Path) -> dict[str, Any] | None:
     """Tokens the policy generated: answers, revisions (and critiques), refusals for the helpful mix. The judge is
     not counted: its rows do not record tokens, and a log-probability judge generates none."""
-    from selfalign.preferences.stages import HELPFUL, RESPONSES, REVISIONS, stage_path
+    from selfalign.preferences.stage_files import HELPFUL, RESPONSES, REVISIONS, stage_path
 
     stage_dir = folder / "stages"
     per_step = {

@@ -28,7 +28,7 @@ from selfalign.judging.refusal import RefusalDetector
 from selfalign.preferences import helpful, revise
 from selfalign.preferences.card import dataset_card, judge_accuracy
 from selfalign.preferences.config import PreferencesConfig
-from selfalign.preferences.stages import HELPFUL, JUDGMENTS, RESPONSES, REVISIONS, read_rows, stage_path
+from selfalign.preferences.stage_files import HELPFUL, JUDGMENTS, RESPONSES, REVISIONS, read_rows, stage_path
 from selfalign.preferences.templates import load_refusal_template
 from selfalign.quality import measure_answer, summarize_answers
 
@@ -131,7 +131,9 @@ def engraved_refusal_pairs(judgments: list[dict], responses: list[dict]) -> list
     pairs = []
     for row in judgments:
         rejected = bare.get(row["key"])
-        if rejected is None or row["source"] != "harmful" or row["label"] != 0 or not is_engraving_chosen(row, detector):
+        if rejected is None or row["source"] != "harmful" or row["label"] != 0:
+            continue
+        if not is_engraving_chosen(row, detector):
             continue
         if detector.detect(rejected).refused:  # the model refuses bare too: nothing to engrave
             continue

@@ -117,7 +117,10 @@ def dataset_card(
         f"| judge accuracy | {accuracy} |",
         f"| revision | `{revision.strategy}`, up to {revision.n_attempts} attempts, "
         f"{revision.generation.max_new_tokens} new tokens, temperature {revision.generation.temperature} |",
-        f"| answers | {config.generation.max_new_tokens} new tokens, temperature {config.generation.temperature} |",
+        f"| answers | {config.generation.max_new_tokens} new tokens, temperature {config.generation.temperature}, "
+        f"no_repeat_ngram_size {config.generation.no_repeat_ngram_size}, repetition_penalty "
+        f"{config.generation.repetition_penalty} |",
+        f"| policy prompt | {_policy_prompt(config)} |",
         f"| helpful mix | {config.helpful_mix} wanted, {share} kept ({kept['helpful']} helpful of {total} pairs) |",
         f"| seed | {config.seed} |",
         f"| splits | train {splits['train']}, eval {splits['eval']} "
@@ -162,3 +165,11 @@ def dataset_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _policy_prompt(config: PreferencesConfig) -> str:
+    if config.policy_prompt == "bare":
+        return "bare (the request alone)"
+    p = config.principles
+    return (f"principle-driven: `{p.file}`, {p.exemplars} exemplars ({p.refusal_share:g} refusals, {p.select}); "
+            "each red-team prompt also answered bare, for engraved refusal pairs")  # fmt: skip

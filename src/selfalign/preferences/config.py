@@ -12,10 +12,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from selfalign.backends.base import GenerationParams
+from selfalign.backends.language_model import ModelConfig
 from selfalign.config import StrictModel, load_config
 from selfalign.errors import SelfAlignError
 from selfalign.judging.judge import JudgeConfig, load_judge_file
-from selfalign.models.language_model import ModelConfig
 from selfalign.preferences.templates import (
     ConstitutionName,
     PrinciplesName,

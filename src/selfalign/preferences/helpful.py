@@ -17,7 +17,7 @@ from typing import Any
 from selfalign.judging.refusal import RefusalDetector
 from selfalign.preferences import judge_stage
 from selfalign.preferences.config import PreferencesConfig
-from selfalign.preferences.stages import HELPFUL, Models, open_stage, process_in_fixed_chunks, read_rows
+from selfalign.preferences.stage_files import HELPFUL, Models, open_stage, process_in_fixed_chunks, read_rows
 from selfalign.preferences.templates import join_prefix, load_refusal_template
 from selfalign.quality import measure_answer
 from selfalign.templating import render_template

@@ -13,7 +13,7 @@ from typing import Any
 from selfalign.judging.judge import Judgment
 from selfalign.preferences import respond
 from selfalign.preferences.config import PreferencesConfig
-from selfalign.preferences.stages import JUDGMENTS, Models, open_stage, process_in_fixed_chunks, read_rows
+from selfalign.preferences.stage_files import JUDGMENTS, Models, open_stage, process_in_fixed_chunks, read_rows
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from selfalign.data.jsonl import write_text_atomic
 from selfalign.preferences import build, helpful, judge_stage, respond, revise
 from selfalign.preferences.card import judge_accuracy
 from selfalign.preferences.config import PreferencesConfig
-from selfalign.preferences.stages import JUDGMENTS, RESPONSES, Models, stage_path
+from selfalign.preferences.stage_files import JUDGMENTS, RESPONSES, Models, stage_path
 from selfalign.preferences.templates import load_refusal_template
 
 
@@ -80,7 +80,7 @@ def check_files(config: PreferencesConfig) -> None:
     judge_accuracy(config)
 
 
-def run_pipeline(
+def run_preferences(
     config: PreferencesConfig,
     out_dir: str | Path | None = None,
     models: Models | None = None,

@@ -19,7 +19,7 @@ from typing import Any
 from selfalign.data.loading import load_rows
 from selfalign.errors import SelfAlignError
 from selfalign.preferences.config import CATEGORY_COLUMNS, PreferencesConfig, PromptSet
-from selfalign.preferences.stages import RESPONSES, Models, open_stage, process_in_fixed_chunks
+from selfalign.preferences.stage_files import RESPONSES, Models, open_stage, process_in_fixed_chunks
 from selfalign.preferences.templates import load_principles, policy_request
 
 logger = logging.getLogger(__name__)

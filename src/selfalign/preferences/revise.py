@@ -16,7 +16,7 @@ from typing import Any
 
 from selfalign.preferences import judge_stage
 from selfalign.preferences.config import PreferencesConfig
-from selfalign.preferences.stages import REVISIONS, Models, open_stage, process_in_fixed_chunks, read_rows
+from selfalign.preferences.stage_files import REVISIONS, Models, open_stage, process_in_fixed_chunks, read_rows
 from selfalign.preferences.templates import (
     Constitution,
     RevisionTemplate,

@@ -83,24 +83,24 @@ def helpfulness_lines(metrics: dict) -> list[str]:
 
 def refusal_class_lines(metrics: dict) -> list[str]:
     """Answers to the benign prompts in XSTest's three classes, by the detector and by the judge, and their
-    agreement."""
-    from selfalign.evaluation.refusal_classes import CLASSES
-
+    agreement. Reads metrics only (reporting imports nothing from evaluation)."""
     rows = [(v, metrics["models"][v]["refusal_classes"]) for v in metrics["variants"]
             if "refusal_classes" in metrics["models"][v]]  # fmt: skip
     if not rows:
         return []
-    names = [name.replace("_", " ") for name in CLASSES]
+    classes_in_order = list(rows[0][1]["detector"])  # evaluation.refusal_classes.CLASSES, as metrics.json holds them
+    names = [name.replace("_", " ") for name in classes_in_order]
     lines = ["## Over-refusal in XSTest's three classes (benign prompts)", "",
              "| model | read by | " + " | ".join(names) + " | agreement (kappa) |",
-             "|---|---|" + "---:|" * (len(CLASSES) + 1)]  # fmt: skip
+             "|---|---|" + "---:|" * (len(classes_in_order) + 1)]  # fmt: skip
     for variant, classes in rows:
         a = classes["agreement"]
         kappa = "n/a" if a["cohen_kappa"] is None else f"{a['cohen_kappa']:.2f}"
         agreement = "n/a" if a["agreement"] is None else f"{100 * a['agreement']:.1f}% ({kappa}, n={a['n']})"
         for reader in ("detector", "judge"):
-            cells = [_pct(classes[reader][name]) for name in CLASSES]
-            lines.append(f"| {variant} | {reader} | " + " | ".join(cells) + f" | {agreement if reader == 'judge' else ''} |")
+            cells = [_pct(classes[reader][name]) for name in classes_in_order]
+            last = agreement if reader == "judge" else ""
+            lines.append(f"| {variant} | {reader} | " + " | ".join(cells) + f" | {last} |")
     return [*lines, ""]
 
 
@@ -110,7 +110,8 @@ def difficulty_lines(metrics: dict) -> list[str]:
     if not variants:
         return []
     lines = ["## Red-team prompts by difficulty", "",
-             "| difficulty | " + " | ".join(f"{v}: harmless (judge) | {v}: refused (detector)" for v in variants) + " |",
+             "| difficulty | " + " | ".join(f"{v}: harmless (judge) | {v}: refused (detector)" for v in variants)
+             + " |",
              "|---|" + "---|" * (2 * len(variants))]  # fmt: skip
     levels = sorted({d for v in variants for d in metrics["models"][v]["by_difficulty"]["harmless"]})
     for level in levels:
@@ -316,7 +317,8 @@ def plots(metrics: dict) -> dict[str, str]:
     if adapters:
         measures = [("refused harmful (detector)", lambda m: m["vs_base"]["refused_harmful_detector"]),
                     ("over-refusal (detector)", lambda m: m["vs_base"]["over_refusal_detector"]),
-                    ("capability (acc_norm)", lambda m: m.get("capability", {}).get("acc_norm_vs_base", {}))]  # fmt: skip
+                    ("capability (acc_norm)",
+                     lambda m: m.get("capability", {}).get("acc_norm_vs_base", {}))]  # fmt: skip
         figure, axes = plt.subplots(figsize=(7, 1.2 + 0.9 * len(measures)))
         for offset, variant in enumerate(adapters):
             for row, (_, paired_of) in enumerate(measures):
@@ -325,7 +327,8 @@ def plots(metrics: dict) -> dict[str, str]:
                     continue
                 d = 100 * paired["difference"]
                 axes.errorbar(d, row + 0.2 * offset, xerr=[[d - 100 * paired["low"]], [100 * paired["high"] - d]],
-                              fmt="o", capsize=4, color=f"C{offset + 1}", label=variant if row == 0 else None)  # fmt: skip
+                              fmt="o", capsize=4, color=f"C{offset + 1}",
+                              label=variant if row == 0 else None)  # fmt: skip
         axes.axvline(0, color="grey", linestyle="--")
         axes.set_yticks(range(len(measures)), [name for name, _ in measures])
         axes.set_xlabel("difference from the base (percentage points, 95% paired bootstrap)")

@@ -7,11 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selfalign.backends.language_model import LanguageModel, load_language_model
 from selfalign.data.jsonl import write_text_atomic
 from selfalign.data.resumable import ResumableJsonl, process_resumably
 from selfalign.errors import SelfAlignError
 from selfalign.judging.judge import Judge, build_judge
-from selfalign.models.language_model import LanguageModel, load_language_model
 from selfalign.preferences.config import PreferencesConfig
 
 RESPONSES, JUDGMENTS, REVISIONS, HELPFUL = "responses", "judgments", "revisions", "helpful"
