@@ -153,7 +153,7 @@ def test_no_secret_reaches_a_log_manifest_report_or_dataset_card(tmp_path, monke
     """The run pipeline with the scripted model (tune-judge, preferences, evaluate, report; training replaced by
     a stand-in that records its settings, as tests/pipeline/test_pipeline.py does: the real trainer's files are
     checked for these canaries in tests/training/test_sft.py)."""
-    from selfalign.pipeline import run_preferences as run_everything
+    from selfalign.pipeline import run_pipeline as run_everything
     from selfalign.pipeline import stages as stages_module
     from selfalign.pipeline.config import load_run_config
 
