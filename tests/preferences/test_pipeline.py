@@ -65,7 +65,7 @@ def test_funnel_numbers_on_the_hand_made_scenario(scenario, tmp_path):
     assert {"prompt", "chosen", "rejected", "pair_type", "p_harmful_chosen", "strategy", "attempt"} <= set(
         loaded["train"].column_names
     )
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "completed"
+    assert json.loads((tmp_path / "out" / "preferences.json").read_text())["status"] == "completed"
 
 
 def test_abstentions_never_become_pairs(scenario, tmp_path):
@@ -198,7 +198,7 @@ def test_no_refusal_pair_stops_the_stage_with_the_funnel_in_the_message(tmp_path
     funnel = json.loads((tmp_path / "out" / "funnel.json").read_text())
     assert funnel["kept"] == {"refusal": 0, "helpful": 0}
     assert not (tmp_path / "out" / "dataset").exists()
-    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    record = json.loads((tmp_path / "out" / "preferences.json").read_text())
     assert record["status"] == "failed" and "0 of 6 red-team answers" in record["error"]
 
 

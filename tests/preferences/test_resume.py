@@ -44,7 +44,7 @@ def test_interrupted_anywhere_then_resumed_gives_the_same_dataset(uninterrupted,
         with pytest.raises(KeyboardInterrupt):
             backend = ScenarioBackend(seed=config.seed, interrupt_at=stop_at)
             run_preferences(config, out, scenario_models(config, backend))
-        assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+        assert json.loads((out / "preferences.json").read_text())["status"] == "interrupted"
         resumed = ScenarioBackend(seed=config.seed)
         run_preferences(config, out, scenario_models(config, resumed))
         assert results(out) == expected, f"stopped at call {stop_at}"

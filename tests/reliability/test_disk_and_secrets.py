@@ -194,7 +194,8 @@ def test_no_secret_reaches_a_log_manifest_report_or_dataset_card(tmp_path, monke
     run_everything(config)
 
     files = [path for path in out.rglob("*") if path.is_file()]
-    assert {"run.json", "report.md", "README.md", "config.yaml", "stage.json"} <= {path.name for path in files}
+    assert {"run.json", "preferences.json", "report.md", "README.md", "config.yaml", "stage.json"} <= {
+        path.name for path in files}  # fmt: skip
     for path in files:
         content = path.read_bytes()
         for name, value in SECRETS.items():

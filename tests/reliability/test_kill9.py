@@ -42,7 +42,7 @@ CHILD_TIMEOUT_S = 180
 # files that hold timings even in two uninterrupted runs; their deterministic content is checked apart
 VOLATILE = {
     "tune-judge": {"results.json", "results.md", "results.png"},  # seconds per item in all three
-    "preferences": {"run.json"},
+    "preferences": {"preferences.json"},
     "sft": {"training/metrics.json", "training/trainer_state.json", "training/training_args.bin",
             "training/eval_before.json"},
     "dpo": {"training/metrics.json", "training/trainer_state.json", "training/training_args.bin",
@@ -217,7 +217,7 @@ def assert_same_stage_outputs(stage: str, trial_run: Path, reference_run: Path) 
     if stage in ("sft", "dpo"):
         assert_same_training(trial, reference)
     if stage == "preferences":
-        assert json.loads((trial / "run.json").read_text())["status"] == "completed"
+        assert json.loads((trial / "preferences.json").read_text())["status"] == "completed"
 
 
 TRIAL_IDS = [(stage, number) for stage in STAGES for number in range(TRIALS[stage])]

@@ -56,7 +56,8 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                 settings,
                 _preferences_body(config, preferences, previous_adapter_stage),
                 count_preference_tokens,
-                unhashed=("stages/*", "*/stages/*"),  # the sub-stages' resumable files (preferences.stage_files)
+                # the sub-stages' resumable files (preferences.stage_files) and its record of timings
+                unhashed=("stages/*", "*/stages/*", "preferences.json"),
             )
         )
 
@@ -242,6 +243,7 @@ def count_preference_tokens(folder: Path) -> dict[str, Any] | None:
     stage_dir = folder / "stages"
     per_step = {
         "respond": _sum_column(stage_path(stage_dir, RESPONSES), "response_tokens"),
+        "respond bare": _sum_column(stage_path(stage_dir, RESPONSES), "bare_response_tokens"),  # principle-driven
         "critique": _sum_column(stage_path(stage_dir, REVISIONS), "critique_tokens"),
         "revise": _sum_column(stage_path(stage_dir, REVISIONS), "revision_tokens"),
         "helpful": _sum_column(stage_path(stage_dir, HELPFUL), "refusal_tokens"),

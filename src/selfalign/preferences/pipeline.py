@@ -1,7 +1,7 @@
 """The preference-data engine, wired: respond -> judge -> revise -> helpful mix -> build.
 
 Each stage appends its finished items to its own file under OUT/stages as it goes, so a run stopped at any moment
-and started again continues where it stopped; the dataset lands in OUT/dataset. OUT/run.json records what ran.
+and started again continues where it stopped; the dataset lands in OUT/dataset. OUT/preferences.json records what ran.
 """
 
 from __future__ import annotations
@@ -26,11 +26,15 @@ from selfalign.preferences.stage_files import JUDGMENTS, RESPONSES, Models, stag
 from selfalign.preferences.templates import load_refusal_template
 
 
+RUN_RECORD = "preferences.json"
+
+
 class RunRecord:
-    """OUT/run.json: version, resolved config, per-stage seconds and the run's status, rewritten after each stage."""
+    """OUT/preferences.json: version, resolved config, per-stage seconds and the run's status, rewritten after each
+    stage (`selfalign run`'s own record of a whole run is its run.json)."""
 
     def __init__(self, out: Path, config: PreferencesConfig) -> None:
-        self.path = out / "run.json"
+        self.path = out / RUN_RECORD
         self.data: dict[str, Any] = {
             "selfalign": __version__,
             "python": platform.python_version(),

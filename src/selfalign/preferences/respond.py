@@ -4,8 +4,8 @@ By default the prompt is the bare request in the policy's own format, with no ex
 in-context examples (NOTES: one refusal example made it refuse "What is the capital of France?"), so the answers
 measure the model, not the prompt. `policy_prompt: principle-driven` puts principles and a balanced handful of worked
 exemplars before it (Sun et al. 2023), and answers each red-team prompt a second time bare (`bare_response`); the rows
-keep the bare request either way. Each item has a stable key (prompt
-set + row id), which is what resuming and every later stage go by.
+keep the bare request either way. Each item has a stable key (prompt set + row id), which is what resuming and every
+later stage go by.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def run(config: PreferencesConfig, items: list[dict[str, Any]], stage_dir: Path,
             harmful = [row for row in rows if row["source"] == "harmful"]
             bare = models.policy.answer([row["prompt"] for row in harmful], params) if harmful else []
             for row, completion in zip(harmful, bare):
-                row["bare_response"] = completion.text
+                row["bare_response"], row["bare_response_tokens"] = completion.text, completion.completion_tokens
         return rows
 
     process_in_fixed_chunks(items, store, answer_chunk, config.chunk_size)
