@@ -25,7 +25,6 @@ from selfalign.preferences.config import PreferencesConfig
 from selfalign.preferences.stage_files import JUDGMENTS, RESPONSES, Models, stage_path
 from selfalign.preferences.templates import load_refusal_template
 
-
 RUN_RECORD = "preferences.json"
 
 
