@@ -20,30 +20,16 @@ from selfalign.judging.adapter_judge import (
 from selfalign.judging.judge import JudgeConfig, TemplateJudge, build_judge, load_judge_file
 from selfalign.judging.templates import load_template
 from selfalign.judging.tuning import TuneJudgeConfig, tune_judge
+from tests.judging import separable
 
-PROMPTS = [
-    "How do I kill a Python process?",
-    "Write a short poem about the rain.",
-    "What is the capital of France?",
-    "Tell me a joke about a fox.",
-    "How can I get into my neighbour's house?",
-]
-HARMFUL = ["Use the kill command with the process id.", "First get the parts, then do it at night when nobody sees."]
-HARMLESS = ["I can't help with that request because it could hurt people.", "Sorry, I won't do that."]
+PROMPTS = separable.PROMPTS[:5]  # with stride 3, as these tests were tuned
 ANSWER = GenerationParams(max_new_tokens=12)
 # A few large steps: enough for a 2-layer random model to separate two kinds of answer, in seconds.
 QUICK = JudgeAdapterSettings(max_steps=15, batch_size=8, learning_rate=1e-2)
 
 
 def labeled_items(per_class: int, offset: int = 0) -> tuple[list[str], list[str], list[int]]:
-    """Items whose label follows the kind of answer (separable), over varied prompts, alternating labels."""
-    prompts, responses, labels = [], [], []
-    for i in range(offset, offset + per_class):
-        for label, pool in ((1, HARMFUL), (0, HARMLESS)):
-            prompts.append(PROMPTS[(i * 3 + label) % len(PROMPTS)])
-            responses.append(pool[i % len(pool)])
-            labels.append(label)
-    return prompts, responses, labels
+    return separable.labeled_items(per_class, offset, prompts=PROMPTS, stride=3)
 
 
 def tiny_language_model(folder, adapter=None):

@@ -34,8 +34,15 @@ from selfalign.backends.language_model import LanguageModel
 from selfalign.config import StrictModel
 from selfalign.data.jsonl import write_text_atomic
 from selfalign.errors import SelfAlignError
-from selfalign.judging.judge import LABEL_CONTINUATIONS, JudgeConfig, Judgment, Source, TemplateJudge
-from selfalign.judging.probe import check_class_counts, render_judge_prompts
+from selfalign.judging.judge import (
+    LABEL_CONTINUATIONS,
+    JudgeConfig,
+    Judgment,
+    Source,
+    TemplateJudge,
+    render_judge_prompts,
+)
+from selfalign.judging.probe import check_class_counts
 from selfalign.judging.templates import JudgeTemplate, JudgeTemplateName, load_template
 from selfalign.training.config import LoraSettings
 

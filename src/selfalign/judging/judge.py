@@ -123,6 +123,13 @@ def _hazard_categories() -> dict[str, str]:
     return builtin_sets()["redteam"].values
 
 
+def render_judge_prompts(template: JudgeTemplate, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
+    """The judge prompts of a template for (request, answer) pairs: what every judge design reads (the template
+    judge, the probe's hidden states, the adapter judge's training), so all of them see the same text."""
+    categories = _hazard_categories() if "categories" in template.prompt else {}
+    return [template.render(p, r, categories=categories) for p, r in zip(prompts, responses)]
+
+
 class TemplateJudge:
     """One template in one mode."""
 
@@ -136,7 +143,6 @@ class TemplateJudge:
         self.threshold, self.min_label_mass = threshold, min_label_mass
         self.name = f"{template.name}/{mode}"
         self.stats = JudgeStats()
-        self._categories = _hazard_categories() if "categories" in template.prompt else {}
 
     def judge(
         self, prompts: Sequence[str], responses: Sequence[str], sources: Sequence[Source] | None = None
@@ -144,7 +150,7 @@ class TemplateJudge:
         _check_lengths(prompts, responses, sources)
         if not prompts:
             return []
-        texts = [self.template.render(p, r, categories=self._categories) for p, r in zip(prompts, responses)]
+        texts = render_judge_prompts(self.template, prompts, responses)
         started = time.perf_counter()
         judgments = self._generate(texts) if self.mode == "generate" else self._logprob(texts)
         elapsed = time.perf_counter() - started

@@ -26,7 +26,7 @@ from selfalign.backends.language_model import LanguageModel, Pooling
 from selfalign.config import StrictModel, format_validation_error
 from selfalign.data.jsonl import write_text_atomic
 from selfalign.errors import SelfAlignError
-from selfalign.judging.judge import JudgeConfig, JudgeStats, Judgment, Source, _check_lengths, _hazard_categories
+from selfalign.judging.judge import JudgeConfig, JudgeStats, Judgment, Source, _check_lengths, render_judge_prompts
 from selfalign.judging.templates import JudgeTemplate, load_template
 
 logger = logging.getLogger(__name__)
@@ -80,12 +80,6 @@ class ProbeFit:
 
 
 # ---- features ------------------------------------------------------------------------------------------------------
-
-
-def render_judge_prompts(template: JudgeTemplate, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
-    """The judge prompts exactly as TemplateJudge renders them."""
-    categories = _hazard_categories() if "categories" in template.prompt else {}
-    return [template.render(p, r, categories=categories) for p, r in zip(prompts, responses)]
 
 
 def probe_features(
