@@ -50,9 +50,11 @@ class Setting:
     no_repeat_ngram_size: int = 0
 
     def with_decoding(self, repetition_penalty: float, no_repeat_ngram_size: int) -> Setting:
-        parts = [f"rp{repetition_penalty:g}" if repetition_penalty != 1.0 else "", f"nr{no_repeat_ngram_size}" * bool(
-            no_repeat_ngram_size)]  # fmt: skip
-        name = "+".join([self.name, *(p for p in parts if p)])
+        name = self.name
+        if repetition_penalty != 1.0:
+            name += f"+rp{repetition_penalty:g}"
+        if no_repeat_ngram_size:
+            name += f"+nr{no_repeat_ngram_size}"
         return Setting(name, self.policy_prompt, self.principles, repetition_penalty, no_repeat_ngram_size)
 
 
