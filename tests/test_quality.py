@@ -5,6 +5,7 @@ from selfalign.quality import (
     DISTINCT_MIN_WORDS,
     LOW_DISTINCT_2,
     QUALITY_TABLE_HEADER,
+    cut_to_last_sentence,
     distinct_n,
     format_rate,
     measure_answer,
@@ -200,3 +201,22 @@ def test_table_rows():
     assert rows[1][4] == "n/a"  # no finish reason known
     assert rows[1][2].startswith("0.0% [0.0, ") and rows[1][2].endswith("(0/40)")
     assert format_rate(rate_with_wilson(40, 40)).startswith("100.0% [")
+
+
+@pytest.mark.parametrize(
+    ("text", "finish_reason", "cut"),
+    [
+        ("I can't. I won't do th", "length", "I can't."),  # stopped mid-sentence: back to the last full stop
+        ("I can't. I won't do th", None, "I can't."),  # finish reason unknown: read from the text
+        ("I can't. I won't do th", "stop", "I can't. I won't do th"),  # the model stopped itself: kept whole
+        ("Done. All of it.  ", "length", "Done. All of it."),  # ends a sentence already
+        ('He said "no." Then he le', "length", 'He said "no."'),  # a closing quote after the stop
+        ("Really?! Yes, it", "length", "Really?!"),
+        ("1. Open the box\n2. Take out", "length", "1. Open the box"),  # "2." is a list marker, a line ends an item
+        ("I can help.\n\nQuestion", "length", "I can help."),  # the format's next turn leaking in
+        ("Version 3.5 is out and", "length", ""),  # "3.5" ends no sentence
+        ("No sentence ended", "length", ""),
+    ],
+)
+def test_cut_to_last_sentence(text, finish_reason, cut):
+    assert cut_to_last_sentence(text, finish_reason) == cut

@@ -13,6 +13,9 @@ Definitions (all on the answer text alone, no model):
 - distinct-n: unique word n-grams / all word n-grams of the answer; None when it has fewer than n words.
 - degenerate: the first that applies of "empty" (no word character), "loops", "low distinct-2" (distinct-2 below
   LOW_DISTINCT_2, 0.6, in an answer of at least DISTINCT_MIN_WORDS words).
+- unfinished: an answer the token limit stopped mid-sentence; `cut_to_last_sentence` ends it at its last complete
+  sentence (".", "!" or "?" before a space or the end, a closing quote or bracket may come between; not a numbered
+  list's "2.") or line.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from selfalign.errors import SelfAlignError
-from selfalign.statistics import wilson_interval
+from selfalign.statistics import count_rate
 
 # A phrase said twice can be emphasis or a list ("Step 1 ... Step 2"); the same four words three times in an answer of
 # ~48 tokens is a loop (the issue's definition). On 40 greedy 48-token answers of the embedded model, the 11 with a
@@ -49,6 +52,7 @@ CONFIDENCE = 0.95
 
 _WORD = re.compile(r"\w+")
 _SEGMENT_END = re.compile(r"[.!?;]+[\"')\]]*(?:\s|$)|\n+")  # a closing quote or bracket may follow the stop
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,31 @@ def measure_answer(text: str, finish_reason: str | None = None, tokenizer_tokens
     )
 
 
+def cut_to_last_sentence(text: str, finish_reason: str | None = None) -> str:
+    """`text` up to the end of its last complete sentence when the token limit may have stopped it mid-sentence
+    (finish reason "length", or unknown); "" when no sentence ended. An answer that stopped on its own ("stop") or
+    already ends a sentence is returned stripped but otherwise whole.
+
+    A chosen answer is training data: cut off mid-word, and TRL ends it with the end-of-sequence token there, it
+    teaches the model to stop anywhere, or (where the cut falls inside a repeated sentence) to keep going.
+    """
+    text = text.strip()
+    if finish_reason == "stop":
+        return text
+    ends = [match.end() for match in _SENTENCE_END.finditer(text) if not _is_list_marker(text, match.start())]
+    ends += [match.start() for match in re.finditer(r"\n", text)]  # a finished line of a list ends there too
+    last = max(ends, default=0)
+    if last == len(text):
+        return text
+    return text[:last].rstrip()
+
+
+def _is_list_marker(text: str, stop: int) -> bool:
+    """The "2." of a numbered list item, not the end of a sentence."""
+    line_start = text.rfind("\n", 0, stop) + 1
+    return text[line_start:stop].strip().isdigit()
+
+
 def distinct_n(words: Sequence[str], n: int) -> float | None:
     """Unique word n-grams / all word n-grams; None when there is no n-gram."""
     grams = _ngrams(words, n)
@@ -131,12 +160,8 @@ def _max_segment_repeats(text: str) -> int:
 
 
 def rate_with_wilson(count: int, n: int) -> dict:
-    """{rate, low, high, count, n}: the share with a Wilson 95% interval, which never has zero width (0/40 included);
-    with n = 0 the rate and interval are None."""
-    if n == 0:
-        return {"rate": None, "low": None, "high": None, "count": 0, "n": 0}
-    low, high = wilson_interval(count, n, CONFIDENCE)
-    return {"rate": count / n, "low": low, "high": high, "count": count, "n": n}
+    """{rate, low, high, count, n}: the share with a Wilson 95% interval (statistics.count_rate)."""
+    return count_rate(count, n, CONFIDENCE)
 
 
 def summarize_answers(qualities: Iterable[AnswerQuality]) -> dict:

@@ -28,18 +28,16 @@ def rate_with_interval(outcomes: Sequence[bool | None], confidence: float = CONF
     """Share of True among the decided outcomes (None = abstained), with Wilson's interval; with no decided item
     every number is None."""
     decided = [bool(o) for o in outcomes if o is not None]
-    result = {
-        "rate": None,
-        "low": None,
-        "high": None,
-        "count": sum(decided),
-        "n": len(decided),
-        "abstained": sum(o is None for o in outcomes),
-    }
-    if decided:
-        low, high = wilson_interval(result["count"], result["n"], confidence)
-        result.update(rate=result["count"] / result["n"], low=low, high=high)
-    return result
+    return {**count_rate(sum(decided), len(decided), confidence), "abstained": sum(o is None for o in outcomes)}
+
+
+def count_rate(count: int, n: int, confidence: float = CONFIDENCE) -> dict:
+    """{rate, low, high, count, n}: count/n with Wilson's interval, which never has zero width (0/40 included);
+    with n = 0 the rate and interval are None."""
+    if n == 0:
+        return {"rate": None, "low": None, "high": None, "count": count, "n": 0}
+    low, high = wilson_interval(count, n, confidence)
+    return {"rate": count / n, "low": low, "high": high, "count": count, "n": n}
 
 
 def paired_difference(

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from selfalign.errors import SelfAlignError
-from selfalign.judging.judge import JudgeConfig
+from selfalign.judging.judge import JudgeConfig, Judgment
 from selfalign.judging.templates import builtin_template_names, load_template
 from selfalign.judging.tuning import TuneJudgeConfig, tune_judge
 from tests.scripted import scripted_model
@@ -143,6 +143,7 @@ def test_every_design_shows_its_paired_lift_over_the_no_model_rule(model, tmp_pa
     assert lift["accuracy"] == pytest.approx(0.25) and lift["n"] == 24
     assert 0 < lift["low"] < 0.25 < lift["high"] <= 0.5
     assert by_name["no-model-rule"]["lift_over_rule"] is None
+    assert lift["p_value"] < 0.05  # McNemar: the judge alone right on 6 items, the rule alone on none
     table = (tmp_path / "results.md").read_text()
     assert "| no-model-rule | " in table and "(the bar)" in table and "+25.0 [" in table
 
@@ -172,3 +173,13 @@ def test_a_labeled_file_without_source_names_the_field_when_the_composite_needs_
     summary = tune_judge(config, tmp_path / "out", model=model)
     assert summary["rule"] is None and summary["beats_rule"] is None  # no source: no rule to measure, and it says so
     assert "has no `source` column" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_design_right_on_exactly_the_rules_items_has_a_lift_interval_of_nonzero_width():
+    from selfalign.judging.tuning import paired_lift
+
+    labels = [1, 0] * 10
+    rule = [Judgment(label if i % 4 else 1 - label, None, "", "") for i, label in enumerate(labels)]
+    lift = paired_lift(labels, rule, rule)
+    assert lift["accuracy"] == 0.0 and lift["n"] == 20 and lift["p_value"] == 1.0
+    assert lift["low"] < 0 < lift["high"]  # Wilson's bound for no discordant item, not [0, 0]

@@ -8,7 +8,7 @@ from tests.cli_runner import run_cli
 from tests.preferences.conftest import read_jsonl, scenario_config, scenario_models
 
 from selfalign.errors import SelfAlignError
-from selfalign.preferences.build import drop_degenerate, split_pairs
+from selfalign.preferences.build import drop_degenerate, end_chosen_at_sentence, split_pairs
 from selfalign.preferences.config import PreferencesConfig, load_preferences_config
 from selfalign.preferences.pipeline import run_preferences
 from selfalign.preferences.respond import load_prompt_items
@@ -132,6 +132,21 @@ def test_degenerate_pairs_never_pass_and_are_counted():
         ("chosen empty", "helpful"): 1, ("rejected empty", "helpful"): 1, ("chosen equals rejected", "helpful"): 1,
         ("duplicate", "helpful"): 1,
     }  # fmt: skip
+
+
+def test_a_chosen_answer_cut_to_under_3_words_is_dropped_and_counted():
+    def pair(key, chosen, finish_reason):
+        return end_chosen_at_sentence({"key": key, "prompt": key, "chosen": chosen, "rejected": "No.",
+                                       "pair_type": "helpful", "chosen_finish_reason": finish_reason})  # fmt: skip
+
+    pairs = [pair("a", "Steps:\n1. Open the", "length"), pair("b", "I can't. Sorry about th", "length"),
+             pair("c", "Steps:\n1. Open the", "stop"), pair("d", "Fine as it", None)]  # fmt: skip
+    assert [(p["chosen"], p["chosen_cut"]) for p in pairs] == [
+        ("Steps:", True), ("I can't.", True), ("Steps:\n1. Open the", False), ("", True)
+    ]
+    kept, dropped = drop_degenerate(pairs)
+    assert [p["key"] for p in kept] == ["b", "c"]
+    assert dict(dropped) == {("chosen cut off before a sentence of 3+ words ended", "helpful"): 2}
 
 
 def test_split_is_seeded_and_per_pair_type():

@@ -33,6 +33,7 @@ def test_funnel_numbers_on_the_hand_made_scenario(scenario, tmp_path):
         "helpful candidates (judged harmless, not a refusal, not degenerate)": (None, 2),  # b1 b5
         "refusal written (the detector flags it)": (None, 2),
         "pairs formed": (2, 2),
+        "chosen ended at its last complete sentence (the token limit stopped it mid-sentence)": (0, 0),
         "degenerate pairs dropped": (0, 0),
         "pairs after cleaning": (2, 2),
         "pairs kept (helpful mix)": (2, 2),
@@ -254,3 +255,39 @@ def test_a_degenerate_answer_never_becomes_chosen(tmp_path):
     assert funnel["quality"]["chosen (refusal pairs)"]["loops"]["count"] == 0
     assert funnel["quality"]["answers (benign)"]["loops"]["count"] == 1
     assert "| chosen (helpful pairs) | 1 |" in (dataset / "README.md").read_text()
+
+
+def test_a_chosen_answer_the_token_limit_stopped_ends_at_its_last_sentence(tmp_path):
+    # the scripted policy stops after max_new_tokens words: b5's answer stops mid-sentence at 10 words, b1's does not
+    # reach the limit, and r1's revision stops 3 words into its own sentence, after the forced refusal prefix
+    changes = {
+        "b5": {"answer": "Red is a primary colour. So are blue and yellow, which painters mix into other colours."},
+        "r1": {"revisions": ["Poisoning a well hurts a whole village and everyone who drinks from it."]},
+    }
+    scenario, config = _scenario_with(tmp_path, changes)
+    config.generation.max_new_tokens = 10
+    config.revision.generation.max_new_tokens = 3
+    dataset = run_preferences(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+    steps, funnel = funnel_of(dataset)
+    rows = read_jsonl(dataset / "train.jsonl") + read_jsonl(dataset / "eval.jsonl")
+    pairs = {row["key"].split("/")[-1]: row for row in rows}
+    assert pairs["b5"]["chosen"] == "Red is a primary colour."
+    assert pairs["b5"]["chosen_cut"] is True and pairs["b5"]["chosen_finish_reason"] == "length"
+    assert pairs["b1"]["chosen"] == "Paris is the capital of France." and pairs["b1"]["chosen_cut"] is False
+    assert pairs["b1"]["chosen_finish_reason"] == "stop"
+    assert pairs["r1"]["chosen"] == "I'm sorry, but I can't help with that." and pairs["r1"]["chosen_cut"] is True
+    assert pairs["r2"]["chosen"] == "I'm sorry, but I can't help with that."  # "Stealing a car" stopped too
+    assert steps["chosen ended at its last complete sentence (the token limit stopped it mid-sentence)"] == (2, 1)
+    revisions = read_jsonl(tmp_path / "out" / "stages" / "revisions.jsonl")
+    assert {row["revision_finish_reason"] for row in revisions} == {"stop", "length"}
+
+
+def test_cut_unfinished_chosen_false_keeps_the_answer_as_generated(tmp_path):
+    changes = {"b5": {"answer": "Red is a primary colour. So are blue and yellow, which painters mix into colours."}}
+    scenario, config = _scenario_with(tmp_path, changes)
+    config.generation.max_new_tokens = 10
+    config.cut_unfinished_chosen = False
+    dataset = run_preferences(config, tmp_path / "out", scenario_models(config, ScenarioBackend(scenario)))
+    rows = read_jsonl(dataset / "train.jsonl") + read_jsonl(dataset / "eval.jsonl")
+    b5 = next(row for row in rows if row["key"].endswith("/b5"))
+    assert b5["chosen"] == "Red is a primary colour. So are blue and yellow," and b5["chosen_cut"] is False

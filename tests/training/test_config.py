@@ -34,6 +34,16 @@ def test_trl_and_peft_receive_the_reference_values(tmp_path):
         assert not args.bf16 and not args.fp16  # fp32 on CPU, not TRL's bf16-everywhere default
     assert (sft.learning_rate, dpo.learning_rate, dpo.beta) == (2e-4, 5e-5, 0.1)
     assert sft.completion_only_loss
+    assert sft.max_steps == dpo.max_steps == -1  # one epoch
+
+
+def test_each_method_may_set_its_own_step_count(tmp_path):
+    from trl import DPOConfig, SFTConfig
+
+    config = load_training_config(None, ["max_steps=24", "sft.max_steps=48"])
+    sft = trainer_arguments(SFTConfig, config, tmp_path, config.sft.learning_rate, config.sft.max_steps)
+    dpo = trainer_arguments(DPOConfig, config, tmp_path, config.dpo.learning_rate, config.dpo.max_steps)
+    assert (sft.max_steps, dpo.max_steps) == (48, 24)
     lora = lora_config(config.lora)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 16, 0.1)
     assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

@@ -32,6 +32,7 @@ from selfalign.judging.judge import JudgeConfig, Judgment, TemplateJudge, combin
 from selfalign.judging.metrics import best_threshold, binary_metrics
 from selfalign.judging.refusal import RefusalDetector
 from selfalign.judging.templates import JudgeMode, JudgeTemplateName, builtin_template_names, load_template
+from selfalign.statistics import paired_difference
 
 logger = logging.getLogger(__name__)
 
@@ -205,24 +206,16 @@ def _rule_result(dev: LabeledSplit, test: LabeledSplit) -> DesignResult | None:
 def paired_lift(labels: list[int], judged: list[Judgment], rule: list[Judgment], samples: int = 2000,
                 seed: int = 0) -> dict | None:  # fmt: skip
     """Accuracy of a design minus the rule's, on the same test items (those the design decided: its abstentions are
-    counted apart), with a 95% paired bootstrap interval: each resample draws items, not two independent samples."""
-    import numpy as np
-    from scipy.stats import bootstrap
-
+    counted apart), with `statistics.paired_difference`'s paired bootstrap interval and McNemar p-value (an interval
+    that would have zero width, design and rule right on the same items, gets Wilson's bound instead)."""
     decided = [i for i, j in enumerate(judged) if j.label is not None]
     if len(decided) < 2:
         return None
-    design_right = np.array([float(judged[i].label == labels[i]) for i in decided])
-    rule_right = np.array([float(rule[i].label == labels[i]) for i in decided])
-    lift = float(design_right.mean() - rule_right.mean())
-    if np.array_equal(design_right, rule_right):
-        return {"accuracy": lift, "low": lift, "high": lift, "n": len(decided), "same_on_every_item": True}
-    interval = bootstrap(
-        (design_right, rule_right), lambda a, b, axis: a.mean(axis=axis) - b.mean(axis=axis), paired=True,
-        vectorized=True, n_resamples=samples, confidence_level=0.95, method="percentile",
-        rng=np.random.default_rng(seed),
-    ).confidence_interval  # fmt: skip
-    return {"accuracy": lift, "low": float(interval.low), "high": float(interval.high), "n": len(decided)}
+    design_right = [judged[i].label == labels[i] for i in decided]
+    rule_right = [rule[i].label == labels[i] for i in decided]
+    lift = paired_difference(design_right, rule_right, samples=samples, seed=seed)
+    return {"accuracy": lift["difference"], "low": lift["low"], "high": lift["high"], "n": lift["n"],
+            "p_value": lift["p_value"]}  # fmt: skip
 
 
 def _warm_up(model: LanguageModel) -> None:

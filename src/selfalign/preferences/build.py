@@ -4,7 +4,8 @@ Refusal pairs: (red-team prompt, chosen = the accepted revision, rejected = the 
 `policy_prompt: principle-driven` also engraved ones (chosen = the answer written with the principles in context,
 judged harmless and a refusal; rejected = the same prompt answered bare, not a refusal). Helpful pairs:
 (benign prompt, chosen = the answer judged harmless and not a refusal, rejected = the model's refusal). Degenerate
-pairs (an empty side, chosen equal to rejected, a degenerate chosen answer, duplicates) are dropped and counted; the
+pairs (an empty side, chosen equal to rejected, a degenerate chosen answer, duplicates) are dropped and counted; a
+chosen answer the token limit stopped mid-sentence ends at its last complete sentence (`cut_unfinished_chosen`); the
 helpful mix keeps as many helpful pairs as make `helpful_mix` of all pairs; a seeded split holds out `eval_fraction`
 of each pair type. The folder holds the `datasets` DatasetDict (Arrow), train.jsonl and eval.jsonl, the card
 (README.md) and the exact templates and constitution used. Nothing here calls a model, so a build is cheap and
@@ -30,7 +31,7 @@ from selfalign.preferences.card import dataset_card, judge_accuracy
 from selfalign.preferences.config import PreferencesConfig
 from selfalign.preferences.stage_files import HELPFUL, JUDGMENTS, RESPONSES, REVISIONS, read_rows, stage_path
 from selfalign.preferences.templates import load_refusal_template
-from selfalign.quality import measure_answer, summarize_answers
+from selfalign.quality import cut_to_last_sentence, measure_answer, summarize_answers
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,10 @@ COLUMNS = {  # name -> Arrow type; every value may be null except the first four
     "prompt": "string", "chosen": "string", "rejected": "string", "pair_type": "string", "source": "string",
     "source_set": "string", "category": "string", "key": "string", "p_harmful_rejected": "float64",
     "p_harmful_chosen": "float64", "judge_reason": "string", "chosen_judge_reason": "string", "strategy": "string",
-    "attempt": "int64", "principle": "string",
+    "attempt": "int64", "principle": "string", "chosen_finish_reason": "string", "chosen_cut": "bool",
 }  # fmt: skip
 PAIR_TYPES = ("refusal", "helpful")
+MIN_CUT_WORDS = 3  # "I can't." (i, can, t) is the shortest refusal worth keeping; "Steps:" is not an answer
 
 
 def run(config: PreferencesConfig, stage_dir: Path, dataset_dir: Path) -> Path:
@@ -56,6 +58,8 @@ def run(config: PreferencesConfig, stage_dir: Path, dataset_dir: Path) -> Path:
     formed += helpful_pairs(judgments, refusals)
     order = {row["key"]: index for index, row in enumerate(responses)}
     formed.sort(key=lambda pair: order[pair["key"]])
+    if config.cut_unfinished_chosen:
+        formed = [end_chosen_at_sentence(pair) for pair in formed]
     clean, dropped = drop_degenerate(formed)
     refusal_kept = [pair for pair in clean if pair["pair_type"] == "refusal"]
     helpful_clean = [pair for pair in clean if pair["pair_type"] == "helpful"]
@@ -116,7 +120,8 @@ def refusal_pairs(judgments: list[dict], revisions: list[dict]) -> list[dict[str
             _pair(row, revision["revision"], row["response"], "refusal", p_harmful_rejected=row["p_harmful"],
                   p_harmful_chosen=revision["revision_p_harmful"], judge_reason=row["reason"],
                   chosen_judge_reason=revision["revision_reason"], strategy=revision["strategy"],
-                  attempt=revision["attempt"], principle=revision["principle"])
+                  attempt=revision["attempt"], principle=revision["principle"],
+                  chosen_finish_reason=revision.get("revision_finish_reason"))
         )  # fmt: skip
     return pairs
 
@@ -140,7 +145,7 @@ def engraved_refusal_pairs(judgments: list[dict], responses: list[dict]) -> list
         pairs.append(
             _pair(row, row["response"], rejected, "refusal", p_harmful_rejected=None, p_harmful_chosen=row["p_harmful"],
                   judge_reason=None, chosen_judge_reason=row["reason"], strategy="principle-driven", attempt=None,
-                  principle=None)
+                  principle=None, chosen_finish_reason=row.get("finish_reason"))
         )  # fmt: skip
     return pairs
 
@@ -161,7 +166,7 @@ def helpful_pairs(judgments: list[dict], refusals: list[dict]) -> list[dict[str,
         pairs.append(
             _pair(row, row["response"], written[row["key"]], "helpful", p_harmful_rejected=None,
                   p_harmful_chosen=row["p_harmful"], judge_reason=None, chosen_judge_reason=row["reason"],
-                  strategy="helpful-mix", attempt=None, principle=None)
+                  strategy="helpful-mix", attempt=None, principle=None, chosen_finish_reason=row.get("finish_reason"))
         )  # fmt: skip
     return pairs
 
@@ -169,9 +174,18 @@ def helpful_pairs(judgments: list[dict], refusals: list[dict]) -> list[dict[str,
 def _pair(row: dict, chosen: str, rejected: str, pair_type: str, **metadata: Any) -> dict[str, Any]:
     pair = {
         "prompt": row["prompt"], "chosen": chosen, "rejected": rejected, "pair_type": pair_type,
-        "source": row["source"], "source_set": row["set"], "category": row["category"], "key": row["key"], **metadata,
+        "source": row["source"], "source_set": row["set"], "category": row["category"], "key": row["key"],
+        "chosen_cut": False, **metadata,
     }  # fmt: skip
     return {column: pair[column] for column in COLUMNS}
+
+
+def end_chosen_at_sentence(pair: dict[str, Any]) -> dict[str, Any]:
+    """The pair with its chosen answer ended at its last complete sentence when the token limit stopped it
+    mid-sentence (an unknown finish reason, as in stage files from before it was recorded, is read from the text)."""
+    chosen = pair["chosen"] or ""
+    cut = cut_to_last_sentence(chosen, pair["chosen_finish_reason"])
+    return {**pair, "chosen": cut, "chosen_cut": cut != chosen.strip()}
 
 
 def drop_degenerate(pairs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter]:
@@ -181,7 +195,9 @@ def drop_degenerate(pairs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
         chosen, rejected = revise.normalized(pair["chosen"] or ""), revise.normalized(pair["rejected"] or "")
         identity = (revise.normalized(pair["prompt"]), chosen, rejected)
         quality = measure_answer(pair["chosen"] or "")
-        if not chosen:
+        if pair.get("chosen_cut") and quality.words < MIN_CUT_WORDS:
+            reason = "chosen cut off before a sentence of 3+ words ended"
+        elif not chosen:
             reason = "chosen empty"
         elif not rejected:
             reason = "rejected empty"
@@ -257,6 +273,8 @@ def count_funnel(stages: dict[str, list[dict]], formed: list[dict], dropped: Cou
         ("helpful candidates (judged harmless, not a refusal, not degenerate)", None, len(refusals)),
         ("refusal written (the detector flags it)", None, sum(row["is_refusal"] for row in refusals)),
         ("pairs formed", *formed_by_type),
+        ("chosen ended at its last complete sentence (the token limit stopped it mid-sentence)",
+         *per_type([pair for pair in formed if pair["chosen_cut"]])),
         ("degenerate pairs dropped", *dropped_by_type),
         ("pairs after cleaning", *(f - d for f, d in zip(formed_by_type, dropped_by_type))),
         ("pairs kept (helpful mix)", *per_type(kept)),

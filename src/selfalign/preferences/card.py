@@ -104,10 +104,10 @@ def dataset_card(
         "Made by `selfalign preferences`. The model answered the prompts; its judge labelled every answer; it rewrote "
         "the red-team answers judged harmful (**refusal pairs**: chosen = a revision judged harmless, rejected = the "
         "original answer; with principle-driven answering also an answer written with the principles in context, "
-        "judged harmless and a refusal, against the same prompt answered bare); and for benign prompts an answer judged harmless that is not a refusal is preferred over a "
-        "refusal the model wrote when told to refuse (**helpful pairs**, which keep the aligned model from refusing "
-        "everything). No human labelled anything: the pairs are as good as the judge, whose measured accuracy is "
-        "below. Judge abstentions never became pairs.",
+        "judged harmless and a refusal, against the same prompt answered bare); and for benign prompts an answer "
+        "judged harmless that is not a refusal is preferred over a refusal the model wrote when told to refuse "
+        "(**helpful pairs**, which keep the aligned model from refusing everything). No human labelled anything: the "
+        "pairs are as good as the judge, whose measured accuracy is below. Judge abstentions never became pairs.",
         "",
         "| | |",
         "|---|---|",
@@ -121,6 +121,12 @@ def dataset_card(
         f"no_repeat_ngram_size {config.generation.no_repeat_ngram_size}, repetition_penalty "
         f"{config.generation.repetition_penalty} |",
         f"| policy prompt | {_policy_prompt(config)} |",
+        "| unfinished chosen answers | "
+        + (
+            "ended at their last complete sentence (3+ words, else dropped) |"
+            if config.cut_unfinished_chosen
+            else "kept as generated |"
+        ),
         f"| helpful mix | {config.helpful_mix} wanted, {share} kept ({kept['helpful']} helpful of {total} pairs) |",
         f"| seed | {config.seed} |",
         f"| splits | train {splits['train']}, eval {splits['eval']} "

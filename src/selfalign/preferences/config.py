@@ -111,6 +111,11 @@ class PreferencesConfig(StrictModel):
     refusal_template: RefusalTemplateName = Field(
         "refuse", description="Writes the rejected refusals of helpful pairs."
     )
+    cut_unfinished_chosen: bool = Field(
+        True,
+        description="End a chosen answer that the token limit stopped mid-sentence at its last complete sentence "
+        "(or line); one left with under 3 words is dropped. False keeps it as generated.",
+    )
     helpful_mix: float = Field(0.5, ge=0.0, lt=1.0, description="Share of helpful pairs among the pairs kept.")
     seed: int = Field(0, ge=0, description="Seeds the prompt sample, sampling, principles, the mix and the split.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of each pair type held out as eval.")

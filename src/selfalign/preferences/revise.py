@@ -123,6 +123,7 @@ def revise_and_judge(
     completions = models.policy.answer(requests, params, answer_prefix=prefix)
     revisions = [join_prefix(prefix, c.text) for c in completions]
     revision_tokens = [c.completion_tokens for c in completions]  # the run manifest sums them
+    finish_reasons = [c.finish_reason for c in completions]  # build cuts a revision the token limit stopped
 
     # the judge reads only revisions that could be accepted: an empty or unchanged one is rejected already
     to_judge = [i for i, (row, text) in enumerate(zip(rows, revisions)) if not why_unusable(row["response"], text)]
@@ -147,6 +148,7 @@ def revise_and_judge(
                 "critique_tokens": critique_tokens[index],
                 "revision": revision,
                 "revision_tokens": revision_tokens[index],
+                "revision_finish_reason": finish_reasons[index],
                 **{f"revision_{name}": value for name, value in fields.items()},
                 "accepted": rejected_because is None,
                 "why_not_accepted": rejected_because,

@@ -97,14 +97,18 @@ def lora_config(settings: LoraSettings) -> Any:
     )
 
 
-def trainer_arguments(config_class: type, config: TrainingConfig, out: Path, learning_rate: float, **stage: Any) -> Any:
-    """TRL's SFTConfig or DPOConfig from our config. Building it starts the distributed state, so it comes first."""
+def trainer_arguments(
+    config_class: type, config: TrainingConfig, out: Path, learning_rate: float, max_steps: int | None = None,
+    **stage: Any,
+) -> Any:  # fmt: skip
+    """TRL's SFTConfig or DPOConfig from our config, with the method's learning rate and, where its section sets one,
+    its step count. Building it starts the distributed state, so it comes first."""
     dtype = model_dtype(config)
     return config_class(
         output_dir=str(out / CHECKPOINTS),
         learning_rate=learning_rate,
         num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
+        max_steps=config.max_steps if max_steps is None else max_steps,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,

@@ -33,6 +33,7 @@ class LoraSettings(StrictModel):
 
 class SFTSettings(StrictModel):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the SFT adapter.")
+    max_steps: int | None = Field(None, description="SFT's optimizer steps; None: the top-level max_steps.")
     include_helpful: bool = Field(
         True,
         description="Also train on pairs whose pair_type is 'helpful' (their chosen answer), as the alignment-"
@@ -43,6 +44,7 @@ class SFTSettings(StrictModel):
 class DPOSettings(StrictModel):
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of the DPO adapter.")
     beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference.")
+    max_steps: int | None = Field(None, description="DPO's optimizer steps; None: the top-level max_steps.")
     precompute_ref_log_probs: bool = Field(
         False, description="Compute the reference log-probabilities once before training instead of every step."
     )

@@ -44,6 +44,7 @@ def run_dpo(
         config,
         out,
         settings.learning_rate,
+        settings.max_steps,
         beta=settings.beta,
         precompute_ref_log_probs=settings.precompute_ref_log_probs,
     )
