@@ -24,6 +24,15 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+def with_values(config: ConfigT, /, **values: Any) -> ConfigT:
+    """A copy of `config` with `values` set through validation (StrictModel validates assignment), for values one
+    stage hands the next; pydantic's model_copy(update=...) would store them unchecked."""
+    copy = config.model_copy(deep=True)
+    for name, value in values.items():
+        setattr(copy, name, value)
+    return copy
+
+
 def loaded_by(loader: Callable[[str], object]) -> AfterValidator:
     """For a field that names a template (shipped, or a .yaml file): load it when the config loads, so a misspelt
     name or a broken file stops the command, `--dry-run` included, before any stage runs rather than when a stage

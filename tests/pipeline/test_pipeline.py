@@ -23,7 +23,7 @@ def ran(monkeypatch):
             calls.append(folder.name.rsplit("-", 1)[0])
             (folder / "out.json").write_text(json.dumps({"content": content, "inputs": sorted(inputs)}, default=str))
             if kind in ("sft", "dpo"):
-                (folder / stages_module.ADAPTER_RECORD).write_text(json.dumps({"adapter": str(folder / "adapter")}))
+                (folder / stages_module.ADAPTER).mkdir()
 
         return body
 
@@ -237,7 +237,7 @@ def test_settings_that_model_owns_or_that_nothing_would_use_are_config_errors(tm
 
 
 def test_model_dtype_and_4bit_reach_training_where_model_sets_them(tmp_path):
-    from selfalign.pipeline.stages import _training_settings
+    from selfalign.pipeline.config import training_settings as _training_settings
 
     default = _training_settings(demo(tmp_path))
     assert "dtype" not in default and "quantization" not in default

@@ -155,7 +155,7 @@ def test_no_secret_reaches_a_log_manifest_report_or_dataset_card(tmp_path, monke
     checked for these canaries in tests/training/test_sft.py)."""
     from selfalign.pipeline import run_pipeline as run_everything
     from selfalign.pipeline import stages as stages_module
-    from selfalign.pipeline.config import load_run_config
+    from selfalign.pipeline.config import load_run_config, training_settings
 
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
@@ -163,8 +163,7 @@ def test_no_secret_reaches_a_log_manifest_report_or_dataset_card(tmp_path, monke
     def training_stand_in(config, kind, data, start):
         def body(inputs, folder):
             (folder / "training").mkdir()
-            (folder / "training.json").write_text(json.dumps(stages_module._training_settings(config)))
-            (folder / stages_module.ADAPTER_RECORD).write_text(json.dumps({"adapter": str(folder / "training")}))
+            (folder / "training.json").write_text(json.dumps(training_settings(config)))
 
         return body
 

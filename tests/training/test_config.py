@@ -7,7 +7,7 @@ import pytest
 
 from selfalign.errors import SelfAlignError
 from selfalign.training.common import lora_config, trainer_arguments
-from selfalign.training.config import PRESETS, TrainingConfig, load_training_config
+from selfalign.training.config import PRESETS, TRL_FIELDS, TrainingConfig, load_training_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,26 +27,65 @@ def test_trl_and_peft_receive_the_reference_values(tmp_path):
     from trl import DPOConfig, SFTConfig
 
     config = load_training_config()
-    sft = trainer_arguments(SFTConfig, config, tmp_path, config.sft.learning_rate, completion_only_loss=True)
-    dpo = trainer_arguments(DPOConfig, config, tmp_path, config.dpo.learning_rate, beta=config.dpo.beta)
+    sft = trainer_arguments(SFTConfig, config, tmp_path, config.sft, completion_only_loss=True)
+    dpo = trainer_arguments(DPOConfig, config, tmp_path, config.dpo)
     for args in (sft, dpo):
         assert (args.num_train_epochs, args.per_device_train_batch_size, args.report_to) == (1, 4, [])
         assert not args.bf16 and not args.fp16  # fp32 on CPU, not TRL's bf16-everywhere default
     assert (sft.learning_rate, dpo.learning_rate, dpo.beta) == (2e-4, 5e-5, 0.1)
     assert sft.completion_only_loss
     assert sft.max_steps == dpo.max_steps == -1  # one epoch
+    lora = lora_config(config.lora)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 16, 0.1)
+    assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def test_each_method_may_set_its_own_step_count(tmp_path):
     from trl import DPOConfig, SFTConfig
 
     config = load_training_config(None, ["max_steps=24", "sft.max_steps=48"])
-    sft = trainer_arguments(SFTConfig, config, tmp_path, config.sft.learning_rate, config.sft.max_steps)
-    dpo = trainer_arguments(DPOConfig, config, tmp_path, config.dpo.learning_rate, config.dpo.max_steps)
+    sft = trainer_arguments(SFTConfig, config, tmp_path, config.sft)
+    dpo = trainer_arguments(DPOConfig, config, tmp_path, config.dpo)
     assert (sft.max_steps, dpo.max_steps) == (48, 24)
-    lora = lora_config(config.lora)
-    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 16, 0.1)
-    assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_every_mapped_field_reaches_trl_under_its_trl_name(tmp_path):
+    from trl import DPOConfig
+
+    config = load_training_config(None, ["epochs=2", "batch_size=3", "optimizer=sgd", "lr_scheduler=constant",
+                                         "gradient_accumulation_steps=5", "max_length=77", "save_total_limit=1",
+                                         "warmup_ratio=0.25", "logging_steps=7", "save_steps=9", "seed=11",
+                                         "gradient_checkpointing=false", "report_to=none"])  # fmt: skip
+    args = trainer_arguments(DPOConfig, config, tmp_path, config.dpo)
+    for name, trl_names in TRL_FIELDS.items():
+        for trl_name in trl_names:
+            assert getattr(args, trl_name) == getattr(config, name) or (name, trl_name) == ("report_to", "report_to")
+    assert args.report_to == [] and args.optim == "sgd" and args.per_device_eval_batch_size == 3
+
+
+def test_a_trl_setting_we_do_not_map_passes_through(tmp_path):
+    from trl import DPOConfig, SFTConfig
+
+    config = load_training_config(None, ["dpo.trl.loss_type=[ipo]", "dpo.trl.label_smoothing=0.1",
+                                         "sft.trl.packing=true"])  # fmt: skip
+    dpo = trainer_arguments(DPOConfig, config, tmp_path, config.dpo)
+    sft = trainer_arguments(SFTConfig, config, tmp_path, config.sft)
+    assert dpo.loss_type == ["ipo"] and dpo.label_smoothing == 0.1 and sft.packing is True
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dpo.trl.no_such_field=1", "'dpo.trl': no_such_field: not a field of TRL's DPOConfig"),
+        ("dpo.trl.learning_rate=1e-4", "'dpo.trl': learning_rate: set by sft/dpo.learning_rate here, not through trl:"),
+        ("sft.trl.per_device_train_batch_size=8", "'sft.trl': per_device_train_batch_size: set by batch_size here"),
+        ("sft.trl.bf16=true", "'sft.trl': bf16: set by dtype here"),
+    ],
+)
+def test_a_pass_through_that_names_no_trl_field_or_one_we_set_is_refused(override, message):
+    with pytest.raises(SelfAlignError) as raised:
+        load_training_config(None, [override])
+    assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_precedence_preset_then_yaml_then_overrides(tmp_path):

@@ -153,7 +153,7 @@ def train_judge_adapter(
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     started = time.perf_counter()
     try:
-        args = trainer_arguments(SFTConfig, training, scratch, settings.learning_rate, completion_only_loss=True,
+        args = trainer_arguments(SFTConfig, training, scratch, training.sft, completion_only_loss=True,
                                  save_only_model=True)  # fmt: skip
         base, _ = load_base_model(training)
         trainer = SFTTrainer(model=base.model, args=args, train_dataset=examples, processing_class=base.tokenizer,
@@ -181,10 +181,11 @@ def train_judge_adapter(
 
 def _training_config(model: LanguageModel, settings: JudgeAdapterSettings, longest: int) -> Any:
     """The repo's TrainingConfig for this run, so that TRL is configured as `selfalign train` configures it."""
-    from selfalign.training.config import TrainingConfig
+    from selfalign.training.config import SFTSettings, TrainingConfig
 
     return TrainingConfig(
         model=model.config.model,
+        sft=SFTSettings(learning_rate=settings.learning_rate),
         quantization="4bit" if model.config.load_in_4bit else "none",
         lora=settings.lora,
         epochs=settings.epochs,

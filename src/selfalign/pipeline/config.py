@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from selfalign.backends.language_model import ModelConfig
 from selfalign.config import StrictModel, load_config
@@ -18,6 +18,7 @@ from selfalign.evaluation.run import EvaluateConfig
 from selfalign.judging.judge import JudgeConfig
 from selfalign.judging.tuning import TuneJudgeConfig
 from selfalign.preferences.config import PreferencesConfig
+from selfalign.training.config import PRESETS, TrainingConfig, build_training_config
 
 # `selfalign run` with no config runs the demo: configs/demo.yaml of the current folder, else of the source checkout.
 DEFAULT_CONFIGS = (Path("configs") / "demo.yaml", Path(__file__).resolve().parents[3] / "configs" / "demo.yaml")
@@ -28,7 +29,12 @@ class TrainingSection(StrictModel):
     sft: bool = Field(True, description="Train an SFT adapter on the chosen answers.")
     dpo: bool = Field(True, description="Train a DPO adapter on the pairs.")
     dpo_from_sft: bool = Field(False, description="Continue DPO from the SFT adapter instead of from the base.")
-    settings: dict[str, Any] = Field(default_factory=dict, description="TrainingConfig fields, e.g. max_steps: 40.")
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="TrainingConfig fields as written, e.g. {max_steps: 40, dpo: {beta: 0.2}}; the run config holds "
+        "them typed as `RunConfig.training_config` (preset, these, then model: and seed), and the training stages' "
+        "keys hash them as written, so a new TrainingConfig default reruns nothing.",
+    )
 
 
 class RunConfig(StrictModel):
@@ -51,6 +57,14 @@ class RunConfig(StrictModel):
     training: TrainingSection = Field(default_factory=TrainingSection)
     evaluation: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
+    _training_config: TrainingConfig | None = PrivateAttr(None)
+
+    @property
+    def training_config(self) -> TrainingConfig:
+        """What both training stages train with (each adds its data and, for DPO, the adapter it starts from)."""
+        assert self._training_config is not None  # set by the validator below
+        return self._training_config
+
     @model_validator(mode="after")
     def _one_model(self) -> RunConfig:
         owned = [
@@ -68,7 +82,7 @@ class RunConfig(StrictModel):
         for key, is_set in owned:
             if is_set:
                 raise ValueError(f"{key} is set by the pipeline (from model, seed, tune-judge and training); remove it")
-        _check_training_settings(self.training)
+        self._training_config = _typed_training_config(self)
         if self.judge.weights is not None and not Path(self.judge.weights).exists():
             raise ValueError(f"judge.weights: {self.judge.weights} not found (the {self.judge.design} judge's weights)")
         if not (self.training.sft or self.training.dpo):
@@ -90,24 +104,36 @@ MODEL_OWNED_TRAINING_SETTINGS = {
 }
 
 
-def _check_training_settings(section: TrainingSection) -> None:
-    """Training settings are a free-form mapping here (the pipeline adds model and seed); check them now anyway."""
-    from pydantic import ValidationError
+def training_settings(config: RunConfig) -> dict[str, Any]:
+    """TrainingConfig fields for this run as written: the section's settings plus the run's model, format, seed and,
+    where `model:` sets them, dtype and 4-bit loading (left out otherwise, so that each side keeps its own `auto`)."""
+    owned: dict[str, Any] = {}
+    if "dtype" in config.model.model_fields_set:
+        owned["dtype"] = config.model.dtype
+    if "load_in_4bit" in config.model.model_fields_set:
+        owned["quantization"] = "4bit" if config.model.load_in_4bit else "none"
+    return {
+        **config.training.settings,
+        "model": config.model.model,
+        "prompt_format": config.model.prompt_format,
+        "system_prompt": config.model.system_prompt,
+        "seed": config.seed,
+        **owned,
+    }
 
-    from selfalign.training.config import PRESETS, TrainingConfig
 
+def _typed_training_config(config: RunConfig) -> TrainingConfig:
+    """The preset, then the section's settings, then what `model:` and `seed` decide: one merge, one validation.
+    A setting `model:` owns is refused rather than overwritten."""
     for key, owner in MODEL_OWNED_TRAINING_SETTINGS.items():
-        if key in section.settings:
+        if key in config.training.settings:
             raise ValueError(f"training.settings.{key} is set by the pipeline from {owner}; set it there")
-    if section.preset not in PRESETS:
-        raise ValueError(f"training.preset: unknown preset '{section.preset}'; presets: {', '.join(PRESETS)}")
+    if config.training.preset not in PRESETS:
+        raise ValueError(f"training.preset: unknown preset '{config.training.preset}'; presets: {', '.join(PRESETS)}")
     try:
-        TrainingConfig.model_validate({**PRESETS[section.preset], **section.settings, "preset": section.preset})
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(part) for part in error["loc"])
-        problem = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-        raise ValueError(f"training.settings.{key}: {problem}") from None
+        return build_training_config(config.training.preset, training_settings(config), "", "training.settings.")
+    except SelfAlignError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

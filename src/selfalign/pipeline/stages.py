@@ -9,11 +9,12 @@ from typing import Any
 
 import yaml
 
+from selfalign.config import with_values
 from selfalign.data.jsonl import read_jsonl, write_text_atomic
-from selfalign.pipeline.config import RunConfig
+from selfalign.pipeline.config import RunConfig, training_settings
 from selfalign.pipeline.engine import Stage
 
-ADAPTER_RECORD = "adapter.json"  # written by the training stages: where the adapter folder is
+ADAPTER = "training"  # a training stage's adapter, tokenizer, metrics and checkpoints, under its folder
 # Stage settings are dumped for cache keys with this context: model options that cannot change an output (servers,
 # concurrency, retries) are left out, so adding a server reruns nothing.
 CACHE_KEY = {"cache_key": True}
@@ -25,7 +26,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
     stages: list[Stage] = []
     judge_inputs: list[str] = []
     if config.tune_judge is not None:
-        tune = config.tune_judge.model_copy(update={"model": config.model})
+        tune = with_values(config.tune_judge, model=config.model)
         # tune-judge generates nothing worth counting: its judges read log-probabilities of fixed answers
         stages.append(
             Stage(
@@ -40,7 +41,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
     for round_number in range(1, config.rounds + 1):
         suffix = "" if round_number == 1 else f"-round{round_number}"
         policy_inputs = [previous_adapter_stage] if previous_adapter_stage else []
-        preferences = config.preferences.model_copy(update={"seed": config.seed + round_number - 1})
+        preferences = with_values(config.preferences, seed=config.seed + round_number - 1)
         settings = {
             "preferences": preferences.model_dump(
                 mode="json", context=CACHE_KEY, exclude={"judge", "policy", "out_dir"}
@@ -94,7 +95,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
         elif round_number < config.rounds:
             previous_adapter_stage = "sft"
 
-    evaluation = config.evaluation.model_copy(update={"model": config.model})
+    evaluation = with_values(config.evaluation, model=config.model)
     settings = {
         "evaluation": evaluation.model_dump(mode="json", context=CACHE_KEY, exclude={"adapters", "judge"}),
         "judge": None if judge_inputs else config.judge.model_dump(mode="json", context=CACHE_KEY),
@@ -135,8 +136,9 @@ def judge_for(config: RunConfig, inputs: dict[str, Path]) -> Any:
     return config.judge
 
 
-def adapter_folder(stage_folder: Path) -> str:
-    return json.loads((stage_folder / ADAPTER_RECORD).read_text(encoding="utf-8"))["adapter"]
+def adapter_folder(stage_folder: Path) -> Path:
+    """A training stage's output: the PEFT adapter in its `training/` folder (training.common.save_outputs)."""
+    return stage_folder / ADAPTER
 
 
 def _preferences_body(config: RunConfig, preferences: Any, policy_adapter_stage: str | None):
@@ -145,61 +147,41 @@ def _preferences_body(config: RunConfig, preferences: Any, policy_adapter_stage:
 
         policy = config.model
         if policy_adapter_stage is not None:
-            policy = policy.model_copy(update={"adapter": adapter_folder(inputs[policy_adapter_stage])})
+            policy = with_values(policy, adapter=str(adapter_folder(inputs[policy_adapter_stage])))
         update: dict[str, Any] = {"policy": policy, "judge": judge_for(config, inputs), "out_dir": str(folder)}
         if "tune-judge" in inputs:
             update["judge_results"] = str(inputs["tune-judge"] / "results.json")
-        run_preferences(preferences.model_copy(update=update), folder)
+        run_preferences(with_values(preferences, **update), folder)
 
     return body
 
 
-def _training_settings(config: RunConfig) -> dict[str, Any]:
-    """TrainingConfig fields for this run: the section's settings plus the run's model, format, seed and, where
-    `model:` sets them, dtype and 4-bit loading (left out otherwise, so that each side keeps its own `auto`)."""
-    owned: dict[str, Any] = {}
-    if "dtype" in config.model.model_fields_set:
-        owned["dtype"] = config.model.dtype
-    if "load_in_4bit" in config.model.model_fields_set:
-        owned["quantization"] = "4bit" if config.model.load_in_4bit else "none"
-    return {
-        **config.training.settings,
-        "model": config.model.model,
-        "prompt_format": config.model.prompt_format,
-        "system_prompt": config.model.system_prompt,
-        "seed": config.seed,
-        **owned,
-    }
-
-
 def _training_key(config: RunConfig, kind: str) -> dict[str, Any]:
-    """The settings a training stage's key covers: all but the other method's section (`sft:` or `dpo:`), so that a
-    DPO learning rate leaves the SFT adapter cached. SFT settings still reach a DPO that starts from the SFT adapter,
-    through that adapter's hash among its inputs."""
+    """The settings a training stage's key covers: the run's training settings as written (pipeline.config.
+    training_settings) but the other method's section (`sft:` or `dpo:`), so that a DPO learning rate leaves the SFT
+    adapter cached. SFT settings still reach a DPO that starts from the SFT adapter, through that adapter's hash
+    among its inputs."""
     other = "dpo" if kind == "sft" else "sft"
-    return {key: value for key, value in _training_settings(config).items() if key != other}
+    return {key: value for key, value in training_settings(config).items() if key != other}
 
 
 def _training_body(config: RunConfig, kind: str, data_stage: str, start_from: str | None):
     def body(inputs: dict[str, Path], folder: Path) -> None:
-        from selfalign.training.config import load_training_config
-
-        overrides = _training_settings(config)
         dataset = inputs[data_stage] / "dataset"
+        training = config.training_config
         eval_file = dataset / "eval.jsonl"
         if eval_file.is_file() and eval_file.stat().st_size > 0:
-            overrides["eval_data"] = str(eval_file)
+            training = with_values(training, eval_data=str(eval_file))
         if kind == "dpo" and start_from is not None:
-            overrides["dpo"] = {**overrides.get("dpo", {}), "sft_adapter": adapter_folder(inputs[start_from])}
-        settings_file = folder / "training.yaml"
-        write_text_atomic(settings_file, yaml.safe_dump(overrides, sort_keys=False))
-        training = load_training_config(settings_file, preset=config.training.preset)
+            dpo = with_values(training.dpo, sft_adapter=str(adapter_folder(inputs[start_from])))
+            training = with_values(training, dpo=dpo)
+        # a record of what this stage trained with, for `selfalign train --config` to repeat it; never read back
+        write_text_atomic(folder / "training.yaml", yaml.safe_dump(training.model_dump(mode="json"), sort_keys=False))
         if kind == "sft":
             from selfalign.training.sft import run_sft as train
         else:
             from selfalign.training.dpo import run_dpo as train
-        outputs = train(training, str(dataset / "train.jsonl"), folder / "training")
-        write_text_atomic(folder / ADAPTER_RECORD, json.dumps({"adapter": str(outputs.adapter)}) + "\n")
+        train(training, str(dataset / "train.jsonl"), folder / ADAPTER)
 
     return body
 
@@ -208,8 +190,8 @@ def _evaluate_body(config: RunConfig, evaluation: Any, adapters: dict[str, str])
     def body(inputs: dict[str, Path], folder: Path) -> None:
         from selfalign.evaluation.run import evaluate
 
-        variants = {variant: adapter_folder(inputs[stage]) for variant, stage in adapters.items()}
-        evaluate(evaluation.model_copy(update={"adapters": variants, "judge": judge_for(config, inputs)}), folder)
+        variants = {variant: str(adapter_folder(inputs[stage])) for variant, stage in adapters.items()}
+        evaluate(with_values(evaluation, adapters=variants, judge=judge_for(config, inputs)), folder)
 
     return body
 

@@ -20,7 +20,14 @@ from selfalign.data.jsonl import write_text_atomic
 from selfalign.errors import SelfAlignError
 from selfalign.models.formats import PromptFormat, get_prompt_format
 from selfalign.models.loading import LoadedModel, load_model
-from selfalign.training.config import LoraSettings, TrainingConfig
+from selfalign.training.config import (
+    TRL_FIELDS,
+    TRL_METHOD_FIELDS,
+    DPOSettings,
+    LoraSettings,
+    SFTSettings,
+    TrainingConfig,
+)
 from selfalign.training.data import check_prompts_fit, load_pairs, split_pairs, store_examples
 
 logger = logging.getLogger(__name__)
@@ -98,41 +105,41 @@ def lora_config(settings: LoraSettings) -> Any:
 
 
 def trainer_arguments(
-    config_class: type, config: TrainingConfig, out: Path, learning_rate: float, max_steps: int | None = None,
-    **stage: Any,
+    config_class: type, config: TrainingConfig, out: Path, method: SFTSettings | DPOSettings | None = None,
+    **fixed: Any,
 ) -> Any:  # fmt: skip
-    """TRL's SFTConfig or DPOConfig from our config, with the method's learning rate and, where its section sets one,
-    its step count. Building it starts the distributed state, so it comes first."""
+    """TRL's SFTConfig or DPOConfig: the fields TRL_FIELDS maps from our config, the method section's own fields
+    (TRL_METHOD_FIELDS, its step count where it sets one) and its `trl:` pass-through, the fields derived from
+    dtype, device and the output folder, and `fixed` (what a stage always sets). Building it starts the distributed
+    state, so it comes first."""
+    arguments: dict[str, Any] = {
+        trl_name: getattr(config, name) for name, trl_names in TRL_FIELDS.items() for trl_name in trl_names
+    }
+    if method is not None:
+        own = {name: getattr(method, name) for name in TRL_METHOD_FIELDS if hasattr(method, name)}
+        if own.get("max_steps") is None:
+            own["max_steps"] = config.max_steps
+        arguments.update(own, **method.trl)
     dtype = model_dtype(config)
-    return config_class(
+    arguments.update(
         output_dir=str(out / CHECKPOINTS),
-        learning_rate=learning_rate,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps if max_steps is None else max_steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_length=config.max_length,
-        optim=config.optimizer,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a share of the steps
-        activation_checkpointing=config.gradient_checkpointing,
-        seed=config.seed,
+        run_name=out.name,
         bf16=dtype == "bfloat16",  # TRL's default turns bf16 on everywhere, CPU included
         fp16=dtype == "float16",
         use_cpu=not on_cuda(config),
         dataloader_pin_memory=on_cuda(config),
-        logging_steps=config.logging_steps,
+        disable_tqdm=not config.progress_bar,
         logging_first_step=True,  # the DPO check reads the first step's loss
         save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
         eval_strategy="no",  # evaluated before and after training, explicitly
-        report_to=config.report_to,
-        run_name=out.name,
-        disable_tqdm=not config.progress_bar,
-        **stage,
+        **fixed,
     )
+    try:
+        return config_class(**arguments)
+    except (TypeError, ValueError) as exc:  # a pass-through value TRL refuses
+        section = "sft" if method is not None and isinstance(method, SFTSettings) else "dpo"
+        raise SelfAlignError(f"training settings: TRL's {config_class.__name__} refused them "
+                             f"(check {section}.trl): {str(exc).splitlines()[0]}") from None  # fmt: skip
 
 
 def last_checkpoint(args: Any, config: TrainingConfig) -> str | None:

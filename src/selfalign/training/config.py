@@ -39,6 +39,16 @@ class SFTSettings(StrictModel):
         description="Also train on pairs whose pair_type is 'helpful' (their chosen answer), as the alignment-"
         "handbook recipes mix UltraChat into constitutional SFT; false keeps only the refusal pairs.",
     )
+    trl: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other field of TRL's SFTConfig, passed through as given (e.g. {packing: true}); a field "
+        "this config already sets is refused with the name of the setting to use.",
+    )
+
+    @field_validator("trl")
+    @classmethod
+    def _trl_fields_exist(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_pass_through(value, "SFTConfig")
 
 
 class DPOSettings(StrictModel):
@@ -59,6 +69,16 @@ class DPOSettings(StrictModel):
         description="Fail when the first step's loss is further than this from ln 2: policy and reference start "
         "equal, so anything else means a broken reference.",
     )
+    trl: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other field of TRL's DPOConfig, passed through as given (e.g. {loss_type: [ipo], "
+        "rpo_alpha: 1.0}); a field this config already sets is refused with the name of the setting to use.",
+    )
+
+    @field_validator("trl")
+    @classmethod
+    def _trl_fields_exist(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_pass_through(value, "DPOConfig")
 
 
 class TrainingConfig(StrictModel):
@@ -111,6 +131,62 @@ class TrainingConfig(StrictModel):
         return [value] if isinstance(value, str) else value  # report_to=tensorboard on the command line
 
 
+# ---- how TRL's SFTConfig / DPOConfig are built: one declared mapping ------------------------------------------
+
+# TrainingConfig field -> the TRL (transformers TrainingArguments) fields it sets, value unchanged.
+TRL_FIELDS: dict[str, tuple[str, ...]] = {
+    "epochs": ("num_train_epochs",),
+    "batch_size": ("per_device_train_batch_size", "per_device_eval_batch_size"),
+    "gradient_accumulation_steps": ("gradient_accumulation_steps",),
+    "max_length": ("max_length",),
+    "optimizer": ("optim",),
+    "lr_scheduler": ("lr_scheduler_type",),
+    "warmup_ratio": ("warmup_steps",),  # a float below 1 is a share of the steps
+    "gradient_checkpointing": ("activation_checkpointing",),
+    "seed": ("seed",),
+    "logging_steps": ("logging_steps",),
+    "save_steps": ("save_steps",),
+    "save_total_limit": ("save_total_limit",),
+    "report_to": ("report_to",),
+}
+# The method section's fields (sft: / dpo:) that TRL reads under the same name; max_steps falls back to the top level.
+TRL_METHOD_FIELDS = ("learning_rate", "max_steps", "beta", "precompute_ref_log_probs")
+# TRL fields set from other settings or fixed (training/common.py `trainer_arguments`): where each comes from.
+TRL_DERIVED: dict[str, str] = {
+    "output_dir": "the output folder", "run_name": "the output folder", "bf16": "dtype", "fp16": "dtype",
+    "use_cpu": "device", "dataloader_pin_memory": "device", "disable_tqdm": "progress_bar",
+    "logging_first_step": "the DPO first-step check", "save_strategy": "save_steps",
+    "eval_strategy": "evaluation before and after training", "completion_only_loss": "SFT's answer-only loss",
+}  # fmt: skip
+
+
+def _set_by_us() -> dict[str, str]:
+    """TRL field -> the setting of ours that sets it."""
+    ours = {trl_name: name for name, trl_names in TRL_FIELDS.items() for trl_name in trl_names}
+    ours.update({name: f"sft/dpo.{name}" for name in TRL_METHOD_FIELDS})
+    ours.update(TRL_DERIVED)
+    return ours
+
+
+def check_pass_through(fields: dict[str, Any], trl_class: str) -> dict[str, Any]:
+    """A `trl:` section names fields TRL's config has and this config does not set (one place per setting). Values
+    are checked by TRL itself when the trainer's config is built. TRL is imported only when the section is used."""
+    if not fields:
+        return fields
+    import dataclasses
+
+    import trl
+
+    known = {field.name for field in dataclasses.fields(getattr(trl, trl_class))}
+    set_by_us = _set_by_us()
+    for name in fields:
+        if name in set_by_us:
+            raise ValueError(f"{name}: set by {set_by_us[name]} here, not through trl:")
+        if name not in known:
+            raise ValueError(f"{name}: not a field of TRL's {trl_class} (trl {trl.__version__})")
+    return fields
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The field defaults are the reference experiment's values.
     "reference": {},
@@ -131,16 +207,26 @@ def load_training_config(
     """Defaults < preset (`preset` argument, else the YAML's `preset:` key, else reference) < YAML < overrides."""
     data = read_yaml_mapping(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
-    name = preset or data.get("preset") or "reference"
-    if name not in PRESETS:
-        raise SelfAlignError(f"unknown training preset '{name}'; presets: {', '.join(PRESETS)}")
-    merged = _deep_merge(PRESETS[name], data)
-    merged["preset"] = name
-    source = str(path) if path is not None else "command line"
+    return build_training_config(preset or data.get("preset") or "reference", data, str(path or "command line"))
+
+
+def build_training_config(preset: str, settings: dict[str, Any], source: str, where: str = "") -> TrainingConfig:
+    """The one way a TrainingConfig is made from settings: the preset's values, then `settings` merged over them key
+    by key (nested sections too), validated. Errors name `source` and the key (prefixed by `where`, e.g.
+    "training.settings.") in one line."""
+    if preset not in PRESETS:
+        prefix = f"{source}: " if source else ""
+        raise SelfAlignError(f"{prefix}unknown training preset '{preset}'; presets: {', '.join(PRESETS)}")
+    merged = {**_deep_merge(PRESETS[preset], settings), "preset": preset}
     try:
         return TrainingConfig.model_validate(merged)
     except ValidationError as exc:
-        raise SelfAlignError(format_validation_error(exc, source)) from None
+        if not where:
+            raise SelfAlignError(format_validation_error(exc, source)) from None
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"])
+        problem = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        raise SelfAlignError(f"{source}: {where}{key}: {problem}" if source else f"{where}{key}: {problem}") from None
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -39,15 +39,7 @@ def run_dpo(
     # --- Setup: trainer arguments first; building them starts the distributed state that later steps use.
     out = Path(out)
     settings = config.dpo
-    args = trainer_arguments(
-        DPOConfig,
-        config,
-        out,
-        settings.learning_rate,
-        settings.max_steps,
-        beta=settings.beta,
-        precompute_ref_log_probs=settings.precompute_ref_log_probs,
-    )
+    args = trainer_arguments(DPOConfig, config, out, settings)
     checkpoint = last_checkpoint(args, config)
     pairs = load_split_pairs(config, data)  # before the model loads, so that bad data fails fast
 

@@ -33,9 +33,7 @@ def run_sft(
 
     # --- Setup: trainer arguments first; building them starts the distributed state that later steps use.
     out = Path(out)
-    args = trainer_arguments(
-        SFTConfig, config, out, config.sft.learning_rate, config.sft.max_steps, completion_only_loss=True
-    )
+    args = trainer_arguments(SFTConfig, config, out, config.sft, completion_only_loss=True)
     checkpoint = last_checkpoint(args, config)
     pairs = load_split_pairs(config, data)  # before the model loads, so that bad data fails fast
 
