@@ -137,6 +137,9 @@ def run_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print which stages would run and which are cached.")
     ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="If another run holds the run folder, wait for it instead of stopping.")
+    ] = False,
 ) -> None:
     """Run the whole loop: tune-judge, preferences, SFT, DPO, evaluate, report; cached stages are skipped."""
     from selfalign.pipeline import run_pipeline
@@ -148,7 +151,7 @@ def run_command(
     if config is None:  # say which file runs: a configs/demo.yaml in this folder is not it unless named
         typer.echo(f"config: {DEFAULT_CONFIG} (the packaged demo; `selfalign configs copy demo` for a copy)", err=True)
     run_config = load_run_config(config, overrides)
-    plan, manifest = run_pipeline(run_config, from_stage=from_stage, only=only, dry_run=dry_run)
+    plan, manifest = run_pipeline(run_config, from_stage=from_stage, only=only, dry_run=dry_run, wait=wait)
     typer.echo(print_plan(plan))
     if manifest is not None:
         from rich.console import Console
