@@ -8,7 +8,14 @@ import pytest
 
 from selfalign.errors import SelfAlignError
 from selfalign.pipeline.config import DEFAULT_CONFIG, load_run_config
-from selfalign.shipped_configs import SHIPPED_CONFIGS, copy_shipped, describe, describe_shipped, shipped_config
+from selfalign.shipped_configs import (
+    SHIPPED_CONFIGS,
+    copy_shipped,
+    describe,
+    describe_shipped,
+    shipped_config,
+    shipped_names,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {
@@ -28,6 +35,25 @@ def test_every_shipped_config_has_a_name_and_a_description():
     assert set(described) >= EXPECTED
     assert all(description and "\n" not in description for description in described.values()), described
     assert described["demo"].startswith("The demo: the whole loop on the embedded model")
+
+
+def test_every_shipped_config_loads_with_the_loader_of_its_kind():
+    """Recursively, whatever is added later: a run config unless its folder or its header's command says otherwise."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from selfalign.preferences.config import load_preferences_config
+    from selfalign.training.config import load_training_config
+
+    for name in shipped_names():
+        path = shipped_config(name)
+        if name.startswith("training/"):
+            load_training_config(path)
+        elif name.startswith("accelerate/"):
+            load_config_from_file(str(path))
+        elif path.read_text().startswith("# selfalign preferences "):
+            load_preferences_config(path)
+        else:
+            load_run_config(path)
 
 
 def test_names_with_or_without_the_folder_and_suffix_name_one_file():
