@@ -13,6 +13,7 @@ import typer
 from selfalign import __version__
 from selfalign.cli import evaluate as evaluate_commands
 from selfalign.cli import preferences as preference_commands
+from selfalign.cli.configs import configs_app
 from selfalign.cli.train import train_app
 from selfalign.errors import SelfAlignError
 
@@ -28,6 +29,7 @@ data_app = typer.Typer(help="List, show and validate data sets.", no_args_is_hel
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+app.add_typer(configs_app, name="configs")
 preference_commands.register(app)
 evaluate_commands.register(app)
 
@@ -126,7 +128,8 @@ def _is_override(argument: str) -> bool:
 @app.command("run")
 def run_command(
     config: Annotated[
-        str | None, typer.Argument(help="Run config YAML (default configs/demo.yaml), then key=value settings.")
+        str | None,
+        typer.Argument(help="Run config YAML (default: the packaged demo, see `selfalign configs`), then key=value."),
     ] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value settings, e.g. rounds=2.")] = None,
     from_stage: Annotated[str | None, typer.Option("--from", help="Rerun this stage and every stage after it.")] = None,
@@ -134,16 +137,21 @@ def run_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print which stages would run and which are cached.")
     ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="If another run holds the run folder, wait for it instead of stopping.")
+    ] = False,
 ) -> None:
     """Run the whole loop: tune-judge, preferences, SFT, DPO, evaluate, report; cached stages are skipped."""
     from selfalign.pipeline import run_pipeline
-    from selfalign.pipeline.config import load_run_config
+    from selfalign.pipeline.config import DEFAULT_CONFIG, load_run_config
     from selfalign.pipeline.engine import print_plan
 
     if config is not None and _is_override(config):
         overrides, config = [config, *(overrides or [])], None
+    if config is None:  # say which file runs: a configs/demo.yaml in this folder is not it unless named
+        typer.echo(f"config: {DEFAULT_CONFIG} (the packaged demo; `selfalign configs copy demo` for a copy)", err=True)
     run_config = load_run_config(config, overrides)
-    plan, manifest = run_pipeline(run_config, from_stage=from_stage, only=only, dry_run=dry_run)
+    plan, manifest = run_pipeline(run_config, from_stage=from_stage, only=only, dry_run=dry_run, wait=wait)
     typer.echo(print_plan(plan))
     if manifest is not None:
         from rich.console import Console

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from selfalign.pipeline.config import RunConfig
 from selfalign.pipeline.engine import PlannedStage, RunState, build_manifest, run_stages, write_manifest
+from selfalign.pipeline.lock import hold_run_folder
 from selfalign.pipeline.stages import copy_report, plan_stages
 
 
@@ -30,28 +31,32 @@ def preflight(config: RunConfig) -> None:
 
 
 def run_pipeline(
-    config: RunConfig, from_stage: str | None = None, only: str | None = None, dry_run: bool = False
-) -> tuple[list[PlannedStage], dict | None]:
-    """Run the loop (or, with dry_run, only plan it); returns the plan and the manifest written to run.json."""
+    config: RunConfig, from_stage: str | None = None, only: str | None = None, dry_run: bool = False,
+    wait: bool = False,
+) -> tuple[list[PlannedStage], dict | None]:  # fmt: skip
+    """Run the loop (or, with dry_run, only plan it); returns the plan and the manifest written to run.json. A run
+    holds its folder's lock (`<out>/.lock`) until run.json is written, so a second run on the folder stops before
+    its first stage, or waits with `wait`; a dry run writes nothing and takes no lock."""
     out = Path(config.out)
     stages = plan_stages(config)
     if dry_run:
         plan, _ = run_stages(stages, out, from_stage, only, dry_run=True)
         return plan, None
     preflight(config)
-    started = time.perf_counter()
-    state = RunState()
-    try:
-        plan, state = run_stages(stages, out, from_stage, only, state=state)
-    except Exception as exc:
-        # what finished stays cached; run.json says which stage stopped the run and why, in one line
-        if state.failed is not None:
-            error = (str(exc).splitlines() or [type(exc).__name__])[0]
-            seconds = time.perf_counter() - started
-            write_manifest(out, build_manifest(config, state.plan, state, out, seconds, error=error))
-        raise
-    if "report" in state.outputs:
-        copy_report(state.outputs["report"], out)
-    manifest = build_manifest(config, plan, state, out, time.perf_counter() - started)
-    write_manifest(out, manifest)
-    return plan, manifest
+    with hold_run_folder(out, wait=wait):
+        started = time.perf_counter()
+        state = RunState()
+        try:
+            plan, state = run_stages(stages, out, from_stage, only, state=state)
+        except Exception as exc:
+            # what finished stays cached; run.json says which stage stopped the run and why, in one line
+            if state.failed is not None:
+                error = (str(exc).splitlines() or [type(exc).__name__])[0]
+                seconds = time.perf_counter() - started
+                write_manifest(out, build_manifest(config, state.plan, state, out, seconds, error=error))
+            raise
+        if "report" in state.outputs:
+            copy_report(state.outputs["report"], out)
+        manifest = build_manifest(config, plan, state, out, time.perf_counter() - started)
+        write_manifest(out, manifest)
+        return plan, manifest

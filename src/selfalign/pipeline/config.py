@@ -18,10 +18,12 @@ from selfalign.evaluation.run import EvaluateConfig
 from selfalign.judging.judge import JudgeConfig
 from selfalign.judging.tuning import TuneJudgeConfig
 from selfalign.preferences.config import PreferencesConfig
+from selfalign.shipped_configs import SHIPPED_CONFIGS
 from selfalign.training.config import PRESETS, TrainingConfig, build_training_config
 
-# `selfalign run` with no config runs the demo: configs/demo.yaml of the current folder, else of the source checkout.
-DEFAULT_CONFIGS = (Path("configs") / "demo.yaml", Path(__file__).resolve().parents[3] / "configs" / "demo.yaml")
+# `selfalign run` with no config runs the demo shipped in the package, wherever it is run from; a config file of the
+# current folder is only read when named, so what runs never depends on the folder (`selfalign configs copy demo`).
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "demo.yaml"
 
 
 class TrainingSection(StrictModel):
@@ -137,9 +139,7 @@ def _typed_training_config(config: RunConfig) -> TrainingConfig:
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    if path is None:
-        path = next((candidate for candidate in DEFAULT_CONFIGS if candidate.is_file()), DEFAULT_CONFIGS[0])
-    path = Path(path)
+    path = DEFAULT_CONFIG if path is None else Path(path)
     if not path.is_file():
         raise SelfAlignError(f"{path}: run config not found")
     return load_config(RunConfig, path, overrides)
