@@ -13,6 +13,7 @@ import typer
 from selfalign import __version__
 from selfalign.cli import evaluate as evaluate_commands
 from selfalign.cli import preferences as preference_commands
+from selfalign.cli import sweep as sweep_commands
 from selfalign.cli.configs import configs_app
 from selfalign.cli.train import train_app
 from selfalign.errors import SelfAlignError
@@ -32,6 +33,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(configs_app, name="configs")
 preference_commands.register(app)
 evaluate_commands.register(app)
+sweep_commands.register(app)
 
 
 def _version(value: bool) -> None:
