@@ -41,6 +41,7 @@ def test_every_shipped_config_loads_with_the_loader_of_its_kind():
     """Recursively, whatever is added later: a run config unless its folder or its header's command says otherwise."""
     from accelerate.commands.config.config_args import load_config_from_file
 
+    from selfalign.pipeline.sweep import load_sweep
     from selfalign.preferences.config import load_preferences_config
     from selfalign.training.config import load_training_config
 
@@ -50,6 +51,8 @@ def test_every_shipped_config_loads_with_the_loader_of_its_kind():
             load_training_config(path)
         elif name.startswith("accelerate/"):
             load_config_from_file(str(path))
+        elif name.startswith("sweeps/"):
+            load_sweep(path)
         elif path.read_text().startswith("# selfalign preferences "):
             load_preferences_config(path)
         else:

@@ -10,6 +10,7 @@ import pytest
 
 from selfalign.errors import SelfAlignError
 from selfalign.pipeline import stages as stages_module
+from selfalign.pipeline.config import training_settings
 from selfalign.pipeline.sweep import expand_points, load_sweep, override_text, plan_sweep, run_sweep
 from selfalign.statistics import count_rate
 from tests.cli_runner import run_cli
@@ -40,7 +41,7 @@ def ran(monkeypatch):
             calls.append(folder.name.rsplit("-", 1)[0])
             (folder / "out.json").write_text(json.dumps({"content": content, "inputs": sorted(inputs)}, default=str))
             if kind in ("sft", "dpo"):
-                (folder / stages_module.ADAPTER_RECORD).write_text(json.dumps({"adapter": str(folder / "adapter")}))
+                (folder / stages_module.ADAPTER).mkdir()
             if write is not None:
                 write(folder)
 
@@ -65,7 +66,8 @@ def ran(monkeypatch):
     monkeypatch.setattr(stages_module, "_preferences_body", lambda config, prefs, stage: recorder("prefs", prefs.seed))
     monkeypatch.setattr(
         stages_module, "_training_body",
-        lambda config, kind, data, start: recorder(kind, [config.training.settings, kind, start]),
+        # the seed reaches the output, as it reaches a real adapter's weights (outputs are content-addressed)
+        lambda config, kind, data, start: recorder(kind, [config.training.settings, config.seed, kind, start]),
     )  # fmt: skip
     monkeypatch.setattr(stages_module, "_evaluate_body", evaluate_body)
     monkeypatch.setattr(stages_module, "_report_body", lambda names: recorder("report", names))
@@ -331,9 +333,8 @@ def test_a_sweep_of_the_real_stages_on_the_scripted_model_evaluates_on_dev(tmp_p
 
     def training_stand_in(config, kind, data, start):
         def body(inputs, folder):
-            (folder / "adapter").mkdir()
-            (folder / "settings.json").write_text(json.dumps(stages_module._training_settings(config)))
-            (folder / stages_module.ADAPTER_RECORD).write_text(json.dumps({"adapter": str(folder / "adapter")}))
+            (folder / stages_module.ADAPTER).mkdir()
+            (folder / "settings.json").write_text(json.dumps(training_settings(config)))
 
         return body
 
