@@ -11,6 +11,15 @@ the steps (the setup between building the trainer and the first step is timed in
 
 Last line: dpo_precompute_speedup=<DPO total time without precompute / with precompute>.
 
+    python benchmarks/training.py --speedups [--data ...] [--repeats 2]
+
+TRL's path as selfalign ran it before these settings existed (the baseline: fp32, the LM head projected at every
+position, the DPO reference computed every step) against the settings selfalign now uses on CPU, each a fresh
+adapter on the same pairs, alternating baseline and fast runs `--repeats` times; the fastest run of each is kept
+(the least disturbed by a shared machine). Losses per step must agree within a tolerance (the same computation, up
+to summation order). Last lines: sft_speedup= and dpo_speedup=, baseline total time / fast total time (DPO's
+precompute pass included).
+
     python benchmarks/training.py --compare-allocator [--data ...]
 
 DPO (reference computed every step) in two fresh processes, one with glibc's default allocator settings (the
@@ -75,6 +84,8 @@ def main() -> None:
         "--allocator", choices=["reuse", "default"], default="reuse", help="glibc settings: selfalign's or glibc's."
     )
     parser.add_argument("--compare-allocator", action="store_true", help="DPO under both allocator settings.")
+    parser.add_argument("--speedups", action="store_true", help="TRL's previous path against selfalign's CPU path.")
+    parser.add_argument("--repeats", type=int, default=2, help="With --speedups: runs of each setting (fastest kept).")
     parser.add_argument("--dpo-only", action="store_true", help=argparse.SUPPRESS)  # one child of --compare-allocator
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,6 +96,9 @@ def main() -> None:
         return
 
     base = ["eval_fraction=0", "save_steps=100000", "progress_bar=false", f"max_length={args.max_length}"]
+    if args.speedups:
+        compare_speedups(args, base)
+        return
     config = load_training_config(None, base, preset="cpu-small")
     config.model = args.model
     precomputed = config.model_copy(deep=True)
@@ -106,6 +120,50 @@ def main() -> None:
     print(describe("DPO, reference log-probs precomputed", dpo_pre))
     print(f"dpo_step_speedup={dpo['runtime_s'] / dpo_pre['runtime_s']:.2f} (steps only, precompute pass left out)")
     print(f"dpo_precompute_speedup={dpo['total_s'] / dpo_pre['total_s']:.2f}")
+
+
+# stage -> (label, overrides) of the baseline and of the fast path; the fast path is what TrainingConfig defaults to
+SPEEDUP_SETTINGS = {
+    "sft": [
+        ("TRL's path (LM head at every position)", ["lm_head_answer_only=false"]),
+        ("selfalign's CPU path (LM head at answer positions)", ["lm_head_answer_only=true"]),
+    ],
+    "dpo": [
+        ("TRL's path (LM head at every position, reference every step)",
+         ["lm_head_answer_only=false", "dpo.precompute_ref_log_probs=false"]),
+        ("selfalign's CPU path (LM head at answer positions, reference precomputed)",
+         ["lm_head_answer_only=true", "dpo.precompute_ref_log_probs=true"]),
+    ],
+}  # fmt: skip
+LOSS_TOLERANCE = 1e-3  # per logged step, absolute: fp32 sums in another order differ around 1e-6
+
+
+def compare_speedups(args: argparse.Namespace, base: list[str]) -> None:
+    speedups = {}
+    for stage, settings in SPEEDUP_SETTINGS.items():
+        results: dict[str, list[dict]] = {label: [] for label, _ in settings}
+        for _ in range(args.repeats):
+            for label, overrides in settings:  # alternating, so that a slow spell of the machine hits both
+                config = load_training_config(None, [*base, *overrides], preset="cpu-small")
+                config.model = args.model
+                with tempfile.TemporaryDirectory() as folder:
+                    results[label].append(run(stage, config, args.data, Path(folder) / stage))
+        fastest = {}
+        for label, runs in results.items():
+            fastest[label] = min(runs, key=lambda result: result["total_s"])
+            print(describe(f"{stage.upper()}, {label}", fastest[label]), flush=True)
+        (baseline_label, _), (fast_label, _) = settings
+        baseline, fast = fastest[baseline_label], fastest[fast_label]
+        losses = [(a["loss"], b["loss"]) for a, b in zip(baseline["per_step"], fast["per_step"])]
+        worst = max(abs(a - b) for a, b in losses)
+        if worst > LOSS_TOLERANCE:
+            sys.exit(f"{stage}: per-step losses differ by up to {worst:.2e} (> {LOSS_TOLERANCE}): not one computation")
+        spread = {label: [round(r["total_s"], 1) for r in runs] for label, runs in results.items()}
+        print(f"{stage}: per-step losses agree within {worst:.1e} over {len(losses)} steps; total seconds of each "
+              f"run: {spread}")  # fmt: skip
+        speedups[stage] = baseline["total_s"] / fast["total_s"]
+    print(f"sft_speedup={speedups['sft']:.2f}")
+    print(f"dpo_speedup={speedups['dpo']:.2f}")
 
 
 def compare_allocators(args: argparse.Namespace) -> None:

@@ -307,8 +307,11 @@ def test_shipped_sweep_files_validate_and_start_with_their_command(tmp_path, mon
         assert commands and all(words[2] == relative for words in commands), relative
         for words in commands:
             overrides = [word for word in words[3:] if word != "--dry-run"]
-            runs = plan_sweep(load_sweep(path, overrides), tmp_path / "run")  # every point loads and reads its data
-            assert all(run.config.evaluation.harmful == "builtin:redteam:dev" for run in runs)
+            sweep = load_sweep(path, overrides)
+            runs = plan_sweep(sweep, tmp_path / "run")  # every point loads and reads its data
+            # dev splits, unless the file names its sets (demo-seeds.yaml: the demo's test sets, for README)
+            harmful = sweep.fixed.get("evaluation.harmful", "builtin:redteam:dev")
+            assert all(run.config.evaluation.harmful == harmful for run in runs)
 
 
 # ---- the real stages on the scripted model ---------------------------------------------------------------------

@@ -262,7 +262,8 @@ def plan_sweep(sweep: SweepSettings, out: str | Path | None = None) -> list[Swee
                              "folder)")  # fmt: skip
     out_setting = override_text("out", str(out if out is not None else sweep.out))
     base = _load(sweep, [out_setting], {}, ("config",), "the base config")
-    common = [out_setting, *dev_evaluation(base), *(override_text(key, value) for key, value in sweep.fixed.items())]
+    common = [out_setting, *dev_evaluation(base, sweep.fixed),
+              *(override_text(key, value) for key, value in sweep.fixed.items())]  # fmt: skip
     _load(sweep, common, {key: ("fixed", key) for key in sweep.fixed}, ("fixed",), "fixed")
     runs, checked = [], set()
     for point in expand_points(sweep):
@@ -279,10 +280,11 @@ def plan_sweep(sweep: SweepSettings, out: str | Path | None = None) -> list[Swee
     return runs
 
 
-def dev_evaluation(base: RunConfig) -> list[str]:
-    """DEV_EVALUATION as overrides, less the sets the base config does not measure (helpful or capability null)."""
+def dev_evaluation(base: RunConfig, fixed: dict[str, Any]) -> list[str]:
+    """DEV_EVALUATION as overrides, less the sets the base config does not measure (helpful or capability null) and
+    the sets `fixed` names itself (a grid or points that name one replace it later, as later overrides do)."""
     unmeasured = {f"evaluation.{name}" for name in ("helpful", "capability") if getattr(base.evaluation, name) is None}
-    return [override_text(key, value) for key, value in DEV_EVALUATION.items() if key not in unmeasured]
+    return [override_text(key, value) for key, value in DEV_EVALUATION.items() if key not in unmeasured | set(fixed)]
 
 
 def describe(settings: dict[str, Any]) -> str:

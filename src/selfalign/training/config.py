@@ -109,6 +109,11 @@ class TrainingConfig(StrictModel):
     lr_scheduler: str = Field("linear", description="transformers scheduler name.")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     gradient_checkpointing: bool = Field(True, description="Trade compute for memory (TRL's default).")
+    lm_head_answer_only: bool = Field(
+        True,
+        description="Project through the LM head only at the answer positions the loss reads, on CPU as TRL does on "
+        "CUDA (training/cpu_speed.py); the same log-probabilities, a fraction of the work. False: TRL's choice.",
+    )
     seed: int = Field(42, ge=0)
 
     eval_fraction: float = Field(

@@ -27,6 +27,7 @@ from selfalign.training.common import (
     trainer_arguments,
 )
 from selfalign.training.config import TrainingConfig
+from selfalign.training.cpu_speed import lm_head_on_answer_positions
 from selfalign.training.data import dpo_examples
 
 
@@ -55,20 +56,21 @@ def run_dpo(
 
     train_set, eval_set, counts = prepare_examples(pairs, to_examples, prompt_format, config, data, out, args, "DPO")
 
-    # --- Train
-    trainer = DPOTrainer(
-        model=policy,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=base.tokenizer,
-        peft_config=new_adapter,
-        callbacks=callbacks,
-    )
-    require_examples(trainer, data, "DPO", config.max_length)
-    reference = reference_model(trainer)
-    trainer.add_callback(FirstStepLossCheck(settings.first_step_loss_tolerance, reference))
-    results = train_and_evaluate(trainer, out, checkpoint)
+    # --- Train (a precomputed reference is computed while the trainer is built, so the LM head switch covers both)
+    with lm_head_on_answer_positions(config.lm_head_answer_only):
+        trainer = DPOTrainer(
+            model=policy,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=base.tokenizer,
+            peft_config=new_adapter,
+            callbacks=callbacks,
+        )
+        require_examples(trainer, data, "DPO", config.max_length)
+        reference = reference_model(trainer)
+        trainer.add_callback(FirstStepLossCheck(settings.first_step_loss_tolerance, reference))
+        results = train_and_evaluate(trainer, out, checkpoint)
 
     # --- Save
     metrics = {

@@ -22,6 +22,7 @@ from selfalign.training.common import (
     trainer_arguments,
 )
 from selfalign.training.config import TrainingConfig
+from selfalign.training.cpu_speed import lm_head_on_answer_positions
 from selfalign.training.data import sft_examples
 
 
@@ -47,17 +48,18 @@ def run_sft(
     train_set, eval_set, counts = prepare_examples(pairs, to_examples, prompt_format, config, data, out, args, "SFT")
 
     # --- Train: TRL masks the prompt tokens out of the labels (completion_only_loss).
-    trainer = SFTTrainer(
-        model=base.model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=base.tokenizer,
-        peft_config=lora_config(config.lora),
-        callbacks=callbacks,
-    )
-    require_examples(trainer, data, "SFT", config.max_length)
-    results = train_and_evaluate(trainer, out, checkpoint)
+    with lm_head_on_answer_positions(config.lm_head_answer_only):
+        trainer = SFTTrainer(
+            model=base.model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=base.tokenizer,
+            peft_config=lora_config(config.lora),
+            callbacks=callbacks,
+        )
+        require_examples(trainer, data, "SFT", config.max_length)
+        results = train_and_evaluate(trainer, out, checkpoint)
 
     # --- Save
     metrics = {"stage": "sft", **run_description(config, data, prompt_format, counts), **results}
