@@ -22,7 +22,25 @@ def test_sft_examples_are_rendered_by_the_generation_format(plain_format, tmp_pa
     assert examples[0]["prompt"] == plain_format.render_prompt(pairs[0]["prompt"], "Be kind.")
     assert examples[0]["completion"] == plain_format.render_completion(pairs[0]["chosen"])
     assert examples[0]["completion"].endswith("<eos>")  # so TRL adds no second EOS
-    assert len(sft_examples(pairs, plain_format, "p.jsonl", include_helpful=False)) == 2  # refusal pairs only
+    assert len(sft_examples(pairs, plain_format, "p.jsonl", pair_types=("refusal",))) == 2  # refusal pairs only
+
+
+def test_each_method_trains_on_the_pair_types_its_section_asks_for(plain_format, tmp_path):
+    from selfalign.training.config import load_training_config
+
+    pairs = load_pairs(str(write_pairs(tmp_path / "p.jsonl", make_pairs(4))))  # 2 refusal, 2 helpful
+    config = load_training_config(None, ["sft.include_refusal=false", "dpo.include_helpful=false"])
+    assert (config.sft.pair_types, config.dpo.pair_types) == (("helpful",), ("refusal",))
+    sft = sft_examples(pairs, plain_format, "p.jsonl", pair_types=config.sft.pair_types)
+    dpo = dpo_examples(pairs, plain_format, "p.jsonl", pair_types=config.dpo.pair_types)
+    helpful = [plain_format.render_completion(row["chosen"]) for row in pairs if row["pair_type"] == "helpful"]
+    assert sft["completion"] == helpful
+    refusal = [plain_format.render_completion(row["chosen"]) for row in pairs if row["pair_type"] == "refusal"]
+    assert dpo["chosen"] == refusal
+    with pytest.raises(SelfAlignError, match=r"no DPO examples left after formatting \(2 refusal pairs left out"):
+        dpo_examples(pairs, plain_format, "p.jsonl", pair_types=())
+    with pytest.raises(SelfAlignError, match="sft: include_refusal and include_helpful are both false"):
+        load_training_config(None, ["sft.include_refusal=false", "sft.include_helpful=false"])
 
 
 def test_dpo_examples_keep_pairs_with_something_to_prefer(plain_format, tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from selfalign.config import StrictModel, apply_overrides, format_validation_error, read_yaml_mapping
 from selfalign.errors import SelfAlignError
@@ -39,6 +39,19 @@ class SFTSettings(StrictModel):
         description="Also train on pairs whose pair_type is 'helpful' (their chosen answer), as the alignment-"
         "handbook recipes mix UltraChat into constitutional SFT; false keeps only the refusal pairs.",
     )
+    include_refusal: bool = Field(
+        True, description="Train on the refusal pairs' chosen answers; false: SFT on helpful answers only."
+    )
+    @property
+    def pair_types(self) -> tuple[str, ...]:
+        return tuple(t for t, on in (("refusal", self.include_refusal), ("helpful", self.include_helpful)) if on)
+
+    @model_validator(mode="after")
+    def _something_to_train_on(self) -> SFTSettings:
+        if not self.pair_types:
+            raise ValueError("sft: include_refusal and include_helpful are both false: nothing to train on")
+        return self
+
     trl: dict[str, Any] = Field(
         default_factory=dict,
         description="Any other field of TRL's SFTConfig, passed through as given (e.g. {packing: true}); a field "
@@ -54,6 +67,11 @@ class SFTSettings(StrictModel):
 class DPOSettings(StrictModel):
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of the DPO adapter.")
     beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference.")
+    include_helpful: bool = Field(
+        True,
+        description="Train on the helpful pairs (a helpful answer over the model's refusal); false: refusal pairs "
+        "only, so DPO is never taught that refusing is worse (issue #19's question).",
+    )
     max_steps: int | None = Field(None, description="DPO's optimizer steps; None: the top-level max_steps.")
     precompute_ref_log_probs: bool = Field(
         False, description="Compute the reference log-probabilities once before training instead of every step."
@@ -69,6 +87,10 @@ class DPOSettings(StrictModel):
         description="Fail when the first step's loss is further than this from ln 2: policy and reference start "
         "equal, so anything else means a broken reference.",
     )
+    @property
+    def pair_types(self) -> tuple[str, ...]:
+        return ("refusal", "helpful") if self.include_helpful else ("refusal",)
+
     trl: dict[str, Any] = Field(
         default_factory=dict,
         description="Any other field of TRL's DPOConfig, passed through as given (e.g. {loss_type: [ipo], "

@@ -21,6 +21,7 @@ from selfalign.models.formats import PromptFormat
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ["prompt", "chosen", "rejected"]
+PAIR_TYPES = ("refusal", "helpful")  # selfalign's pair_type values (preferences.build)
 
 
 def load_pairs(reference: str) -> Any:
@@ -58,15 +59,17 @@ def split_pairs(pairs: Any, eval_fraction: float, seed: int, eval_reference: str
 
 
 def sft_examples(
-    pairs: Any, prompt_format: PromptFormat, source: str, system_prompt: str | None = None, include_helpful: bool = True
-) -> Any:
-    """(prompt, chosen) rows -> TRL prompt/completion examples; helpful pairs are mixed in unless excluded."""
+    pairs: Any, prompt_format: PromptFormat, source: str, system_prompt: str | None = None,
+    pair_types: tuple[str, ...] = PAIR_TYPES,
+) -> Any:  # fmt: skip
+    """(prompt, chosen) rows -> TRL prompt/completion examples, of the pair types asked for (a row without a
+    pair_type is always kept: a user's own pairs)."""
     import datasets
 
     examples, skipped = [], Counter()
     for row in pairs:
-        if not include_helpful and row.get("pair_type") == "helpful":
-            skipped["helpful pairs left out"] += 1
+        if row.get("pair_type") in PAIR_TYPES and row["pair_type"] not in pair_types:
+            skipped[f"{row['pair_type']} pairs left out"] += 1
         elif not (_has_text(row["prompt"]) and _has_text(row["chosen"])):
             skipped["empty 'prompt' or 'chosen'"] += 1
         else:
@@ -80,13 +83,19 @@ def sft_examples(
     return datasets.Dataset.from_list(examples)
 
 
-def dpo_examples(pairs: Any, prompt_format: PromptFormat, source: str, system_prompt: str | None = None) -> Any:
-    """(prompt, chosen, rejected) rows -> TRL preference examples; pairs with nothing to prefer are dropped."""
+def dpo_examples(
+    pairs: Any, prompt_format: PromptFormat, source: str, system_prompt: str | None = None,
+    pair_types: tuple[str, ...] = PAIR_TYPES,
+) -> Any:  # fmt: skip
+    """(prompt, chosen, rejected) rows -> TRL preference examples of the pair types asked for; pairs with nothing to
+    prefer are dropped."""
     import datasets
 
     examples, skipped = [], Counter()
     for row in pairs:
-        if not all(_has_text(row[column]) for column in PAIR_COLUMNS):
+        if row.get("pair_type") in PAIR_TYPES and row["pair_type"] not in pair_types:
+            skipped[f"{row['pair_type']} pairs left out"] += 1
+        elif not all(_has_text(row[column]) for column in PAIR_COLUMNS):
             skipped["empty 'prompt', 'chosen' or 'rejected'"] += 1
         elif row["chosen"].strip() == row["rejected"].strip():
             skipped["'chosen' equal to 'rejected'"] += 1

@@ -52,7 +52,7 @@ def run_dpo(
 
     # --- Data: (prompt, chosen, rejected) rendered as generation renders them.
     def to_examples(pairs: Any) -> Any:
-        return dpo_examples(pairs, prompt_format, data, config.system_prompt)
+        return dpo_examples(pairs, prompt_format, data, config.system_prompt, settings.pair_types)
 
     train_set, eval_set, counts = prepare_examples(pairs, to_examples, prompt_format, config, data, out, args, "DPO")
 

@@ -43,7 +43,7 @@ def run_sft(
 
     # --- Data: (prompt, chosen) rendered as generation renders them; helpful pairs mixed in unless excluded.
     def to_examples(pairs: Any) -> Any:
-        return sft_examples(pairs, prompt_format, data, config.system_prompt, config.sft.include_helpful)
+        return sft_examples(pairs, prompt_format, data, config.system_prompt, config.sft.pair_types)
 
     train_set, eval_set, counts = prepare_examples(pairs, to_examples, prompt_format, config, data, out, args, "SFT")
 
