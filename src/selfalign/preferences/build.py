@@ -25,6 +25,7 @@ from typing import Any
 
 from selfalign.data.jsonl import write_jsonl_atomic, write_text_atomic
 from selfalign.errors import SelfAlignError
+from selfalign.hub import hub_error, hub_token
 from selfalign.judging.refusal import RefusalDetector
 from selfalign.preferences import helpful, revise
 from selfalign.preferences.card import dataset_card, judge_accuracy
@@ -399,13 +400,6 @@ def write_dataset(folder: Path, splits: dict[str, list[dict]], files: dict[str, 
     shutil.rmtree(old, ignore_errors=True)
 
 
-def hub_token() -> str:
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if not token:
-        raise SelfAlignError("--push-to-hub needs a Hugging Face token in the HF_TOKEN environment variable")
-    return token
-
-
 def push_to_hub(dataset_dir: Path, repo: str) -> str:
     """Upload the dataset and its card to the Hub; the token comes from HF_TOKEN and is never printed or stored."""
     import datasets
@@ -421,8 +415,5 @@ def push_to_hub(dataset_dir: Path, repo: str) -> str:
         api.upload_folder(folder_path=str(dataset_dir / "templates"), path_in_repo="templates", repo_id=repo,
                           repo_type="dataset")  # fmt: skip
     except Exception as exc:  # network, auth and repo errors arrive as many types; never echo the token
-        message = str(exc).replace(token, "***").strip().splitlines()
-        raise SelfAlignError(
-            f"push to hub repo {repo} failed: {message[0] if message else type(exc).__name__}"
-        ) from None
+        raise hub_error(f"push to hub repo {repo}", exc, token) from None
     return f"https://huggingface.co/datasets/{repo}"

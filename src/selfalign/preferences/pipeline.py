@@ -19,6 +19,7 @@ import yaml
 
 from selfalign import __version__
 from selfalign.data.jsonl import write_text_atomic
+from selfalign.hub import hub_token
 from selfalign.preferences import build, helpful, judge_stage, respond, revise
 from selfalign.preferences.card import judge_accuracy
 from selfalign.preferences.config import PreferencesConfig
@@ -92,7 +93,7 @@ def run_preferences(
     """Run (or resume) every stage; returns the dataset folder. `models` lets tests pass a scripted policy."""
     check_files(config)
     if push_to_hub:
-        build.hub_token()  # a missing token fails before the run, not after it
+        hub_token()  # a missing token fails before the run, not after it
     out = prepare_out(config, out_dir)
     stages = out / "stages"
     models = models or Models(config)
