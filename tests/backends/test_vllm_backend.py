@@ -7,10 +7,16 @@ compare with the transformers backend on the embedded model and record throughpu
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
+import inspect
 import json
+import multiprocessing
+import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -18,7 +24,7 @@ from pydantic import ValidationError
 
 from selfalign.backends.base import BACKENDS, GenerationParams
 from selfalign.backends.language_model import ModelConfig
-from selfalign.backends.vllm_backend import VLLMOptions, device_groups, split_evenly
+from selfalign.backends.vllm_backend import VLLMOptions, create_vllm_backend, device_groups, split_evenly
 from selfalign.errors import SelfAlignError
 from selfalign.models.loading import load_tokenizer
 
@@ -31,16 +37,39 @@ def forget_vllm() -> None:
         del sys.modules[name]
 
 
+@functools.cache
+def real_vllm_arguments() -> str | None:
+    """The keyword arguments the installed vLLM's LLM takes (its named parameters and EngineArgs' fields)."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    import vllm
+
+    names = {name for name in inspect.signature(vllm.LLM.__init__).parameters if name not in ("self", "kwargs")}
+    names |= {field_.name for field_ in dataclasses.fields(vllm.EngineArgs)}
+    forget_vllm()
+    return ",".join(sorted(names))
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch):
     forget_vllm()
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    real = real_vllm_arguments()  # before the stand-in shadows it
+    if real:
+        monkeypatch.setenv("SELFALIGN_REAL_VLLM_LLM_ARGUMENTS", real)  # the stand-in checks these instead of its list
     monkeypatch.syspath_prepend(str(FAKE_VLLM))  # spawned data-parallel workers inherit sys.path too
     import vllm
 
     vllm.CONSTRUCTED.clear()
+    vllm.SCORED.clear()
     yield vllm
     forget_vllm()
+
+
+def make_adapter(folder: Path, rank: int) -> str:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +99,25 @@ def test_engine_arguments_come_from_the_config(fake_vllm, tiny_model_dir):
         model=str(tiny_model_dir),
         backend="vllm",
         dtype="bfloat16",
-        options={"tensor_parallel_size": 2, "max_model_len": 512, "engine_args": {"swap_space": 0}},
+        options={"tensor_parallel_size": 2, "max_model_len": 512, "engine_args": {"max_num_batched_tokens": 4096}},
     )
     BACKENDS.create("vllm", config)
     assert fake_vllm.CONSTRUCTED[-1] == {
         "model": str(tiny_model_dir.resolve()), "tensor_parallel_size": 2, "dtype": "bfloat16", "seed": 0,
-        "gpu_memory_utilization": 0.9, "enforce_eager": False, "trust_remote_code": False, "max_model_len": 512,
-        "swap_space": 0,
+        "gpu_memory_utilization": 0.9, "enforce_eager": False, "trust_remote_code": False,
+        "enable_prefix_caching": False, "max_model_len": 512, "max_num_batched_tokens": 4096,
     }  # fmt: skip
+
+
+def test_the_stand_in_takes_only_what_vllm_llm_takes(fake_vllm, tiny_model_dir):
+    # swap_space was an EngineArgs field once; vLLM 0.32 has none, and an unknown argument is a TypeError there
+    with pytest.raises(TypeError, match="unexpected keyword argument 'swap_space'"):
+        vllm_backend(tiny_model_dir, engine_args={"swap_space": 4})
+    with pytest.raises(ValueError, match="not supported for single-process usage"):
+        fake_vllm.LLM("m", data_parallel_size=2)  # vLLM's offline LLM: data parallelism is ours to do
+    with pytest.raises(ValueError, match="LoRA is not enabled"):
+        fake_vllm.LLM("m").generate([{"prompt_token_ids": [1]}], fake_vllm.SamplingParams(),
+                                    lora_request=fake_vllm.lora.request.LoRARequest("a", 1, "/a"))  # fmt: skip
 
 
 def test_unknown_options_are_errors(tiny_model_dir):
@@ -119,17 +159,44 @@ def test_score_sums_prompt_log_probabilities_of_the_continuation(fake_vllm, tiny
         assert score == pytest.approx(-sum(range(start, start + count)) / 10)
 
 
+def test_score_runs_on_an_engine_without_prefix_caching(fake_vllm, tiny_model_dir):
+    vllm_backend(tiny_model_dir).score(PROMPTS[:2], [" Paris", " 1"])
+    assert fake_vllm.SCORED == [False, False]  # vllm#42019: prompt log-probabilities depend on order with it on
+    cached = vllm_backend(tiny_model_dir, engine_args={"enable_prefix_caching": True})
+    with pytest.raises(SelfAlignError, match="prefix caching on"):
+        cached.score(PROMPTS[:1], [" Paris"])
+    assert cached.generate(PROMPTS[:1], GenerationParams())[0].text  # generation alone may use it
+
+
 def test_an_adapter_is_sent_with_every_request_unmerged(fake_vllm, tiny_model_dir, tmp_path):
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 12, "peft_type": "LORA"}))
-    config = ModelConfig(
-        model=str(tiny_model_dir), backend="vllm", adapter=str(adapter), options={"show_progress": False}
-    )
+    adapter = make_adapter(tmp_path / "adapter", 12)
+    config = ModelConfig(model=str(tiny_model_dir), backend="vllm", adapter=adapter, options={"show_progress": False})
     backend = BACKENDS.create("vllm", config)
     assert fake_vllm.CONSTRUCTED[-1]["enable_lora"] is True
     assert fake_vllm.CONSTRUCTED[-1]["max_lora_rank"] == 16  # r=12 rounded up to a rank vLLM accepts
-    assert field(backend.generate(["Hi"], GenerationParams())[0].text, "adapter") == "selfalign-adapter"
+    assert field(backend.generate(["Hi"], GenerationParams())[0].text, "adapter") == "selfalign-adapter-1"
+
+
+def test_one_engine_serves_the_base_model_and_every_adapter_until_closed(fake_vllm, tiny_model_dir, tmp_path):
+    sft, dpo = make_adapter(tmp_path / "sft", 8), make_adapter(tmp_path / "dpo", 32)
+    config = ModelConfig(model=str(tiny_model_dir), backend="vllm", options={"show_progress": False})
+    base = create_vllm_backend(config, adapters=[sft, dpo])
+    kwargs = fake_vllm.CONSTRUCTED[-1]
+    assert (kwargs["enable_lora"], kwargs["max_loras"], kwargs["max_lora_rank"]) == (True, 2, 32)
+    answers = {name: base.with_adapter(path).generate(["Hi"], GenerationParams())[0].text
+               for name, path in (("base", None), ("sft", sft), ("dpo", dpo), ("sft again", sft))}  # fmt: skip
+    assert {name: field(text, "adapter") for name, text in answers.items()} == {
+        "base": "none", "sft": "selfalign-adapter-1", "dpo": "selfalign-adapter-2", "sft again": "selfalign-adapter-1"
+    }  # fmt: skip
+    assert len(fake_vllm.CONSTRUCTED) == 1
+    with pytest.raises(SelfAlignError, match="not started for adapter"):
+        base.with_adapter(make_adapter(tmp_path / "wide", 64))  # above the engine's max_lora_rank
+    engine = weakref.ref(base._engine.local)
+    view = base.with_adapter(dpo)
+    view.close()  # closes the engine of every view
+    assert engine() is None
+    with pytest.raises(SelfAlignError, match="the engine was closed"):
+        base.generate(["Hi"], GenerationParams())
 
 
 def test_data_parallel_replicas_split_the_items_and_keep_their_order(fake_vllm, tiny_model_dir, tokenizer):
@@ -144,6 +211,30 @@ def test_data_parallel_replicas_split_the_items_and_keep_their_order(fake_vllm, 
     assert [field(c.text, "seed") for c in completions] == ["0", "1", "2", "3", "4"]
     assert [field(c.text, "len") for c in completions] == [str(len(tokenizer(p)["input_ids"])) for p in PROMPTS]
     assert scores[0] < 0 and len(single) == 1
+
+
+def test_data_parallel_workers_are_not_daemonic_and_are_stopped(fake_vllm, tiny_model_dir):
+    # vLLM's engine starts a child process in each worker: a daemonic worker cannot (vllm#18308)
+    backend = vllm_backend(tiny_model_dir, data_parallel_size=2, gpus=[0, 1])
+    processes = list(backend._engine.replicas.processes)
+    assert backend.generate(PROMPTS[:2], GenerationParams())[1].text
+    backend.close()
+    backend.close()  # twice is harmless
+    assert [(p.daemon, p.is_alive(), p.exitcode) for p in processes] == [(False, False, 0)] * 2
+    with pytest.raises(SelfAlignError, match="did not start: TypeError: .* unexpected keyword argument"):
+        vllm_backend(tiny_model_dir, data_parallel_size=2, gpus=[0, 1], engine_args={"not_an_argument": 1})
+    assert multiprocessing.active_children() == []  # a failed start leaves no worker behind
+
+
+def test_workers_left_running_do_not_keep_python_from_exiting(fake_vllm):
+    # Python joins non-daemonic children at exit: the workers must be told to stop first, or it waits forever
+    script = "from selfalign.backends.vllm_backend import _Replicas\nreplicas = _Replicas({'model': 'm'}, ['0'])\n"
+    paths = [str(FAKE_VLLM), *sys.path]
+    result = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path[:0] = {paths!r}\n{script}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
 
 
 def test_gpu_groups_for_tensor_and_data_parallelism(monkeypatch):

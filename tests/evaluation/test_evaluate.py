@@ -179,3 +179,42 @@ def test_a_twin_that_names_no_row_of_the_other_set_is_a_one_line_error(tmp_path)
         check_twins(str(benign), str(harmful))
     assert "\n" not in str(exc.value)
     check_twins("builtin:benign-sensitive:test", "builtin:redteam:test")  # the shipped twins resolve
+
+
+def test_with_vllm_one_engine_answers_for_the_base_model_every_adapter_and_the_judge(
+    tmp_path, prompt_files, tiny_model_dir, monkeypatch
+):
+    from selfalign.backends.language_model import ModelConfig
+    from tests.backends.test_vllm_backend import FAKE_VLLM, forget_vllm
+
+    forget_vllm()
+    monkeypatch.syspath_prepend(str(FAKE_VLLM))  # vLLM's stand-in
+    import vllm
+
+    vllm.CONSTRUCTED.clear()
+    harmful, benign, helpful, _ = prompt_files
+    adapters = {}
+    for name, rank in (("sft", 8), ("dpo", 16)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": rank}))
+        adapters[name] = str(tmp_path / name)
+    model = ModelConfig(model=str(tiny_model_dir), backend="vllm", options={"show_progress": False})
+    config = EvaluateConfig(model=model, harmful=str(harmful), benign=str(benign), helpful=str(helpful), limit=2,
+                            adapters=adapters, capability=None, bootstrap_samples=100)  # fmt: skip
+    closed, close_engine = [], evaluation_run.EvaluationModels._close_engine
+
+    def record_close(models):
+        closed.append(models._engine)
+        close_engine(models)
+
+    monkeypatch.setattr(evaluation_run.EvaluationModels, "_close_engine", record_close)
+    try:
+        evaluate(config, tmp_path / "eval")
+    finally:
+        forget_vllm()
+    assert len(vllm.CONSTRUCTED) == 1 and vllm.CONSTRUCTED[0]["max_loras"] == 2
+    for variant, lora in (("base", "none"), ("sft", "selfalign-adapter-1"), ("dpo", "selfalign-adapter-2")):
+        answers = (tmp_path / "eval" / "answers" / f"{variant}.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in answers]
+        assert {row["answer"].split()[2] for row in rows} == {lora}
+    assert closed[-1] is not None and closed[-1].backend._engine.closed  # released when the evaluation ends

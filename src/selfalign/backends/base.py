@@ -93,6 +93,9 @@ class BackendRegistry:
     factories: dict[str, BackendFactory | str] = field(default_factory=dict)
     # name -> "module:Class" of the pydantic model of its `options:`, so configs are checked when they load
     options_models: dict[str, str] = field(default_factory=dict)
+    # backends that serve the base model and several adapters from one load: their factory takes
+    # `adapters=[paths]` and their backend has `with_adapter(path | None)`, a view of the same engine
+    serves_adapters: set[str] = field(default_factory=set)
 
     def register(self, name: str) -> Callable[[BackendFactory], BackendFactory]:
         def decorator(factory: BackendFactory) -> BackendFactory:
@@ -101,14 +104,17 @@ class BackendRegistry:
 
         return decorator
 
-    def create(self, name: str, config: Any) -> Backend:
+    def create(self, name: str, config: Any, adapters: Sequence[str] = ()) -> Backend:
+        """Backend `name` for `config`; `adapters`: more adapters it will serve (`serves_adapters` backends only)."""
+        if adapters and name not in self.serves_adapters:
+            raise SelfAlignError(f"backend '{name}' loads one adapter per model; it cannot serve several")
         factory = self.factories.get(name)
         if factory is None:
             raise SelfAlignError(f"unknown backend '{name}'; available: {', '.join(sorted(self.factories))}")
         if isinstance(factory, str):
             module_name, _, function_name = factory.partition(":")
             factory = getattr(importlib.import_module(module_name), function_name)
-        return factory(config)
+        return factory(config, adapters=adapters) if adapters else factory(config)  # type: ignore[call-arg]
 
     def options_model(self, name: str) -> type[StrictModel] | None:
         """The pydantic model of backend `name`'s options, or None where the backend checks its own."""
@@ -153,4 +159,5 @@ BACKENDS = BackendRegistry(
         "openai": "selfalign.backends.openai_backend:OpenAIOptions",
         "vllm": "selfalign.backends.vllm_backend:VLLMOptions",
     },
+    {"vllm"},
 )

@@ -102,6 +102,18 @@ class LanguageModel:
             )
         return self.backend
 
+    def close(self) -> None:
+        """Release what the backend holds (vLLM: its engine and GPU memory; the engine is shared with every
+        variant made by `with_adapter`); a no-op for backends that have nothing to release."""
+        close = getattr(self.backend, "close", None)
+        if callable(close):
+            close()
+
+    def with_adapter(self, config: ModelConfig) -> LanguageModel:
+        """Variant `config` (this model with another adapter, or none) on this model's engine: backends in
+        BACKENDS.serves_adapters only, loaded with that adapter among `adapters`."""
+        return LanguageModel(config, self.backend.with_adapter(config.adapter), self.prompt_format)  # type: ignore[attr-defined]
+
     def count_tokens(self, text: str) -> int | None:
         """Tokens of a rendered input, where the backend has a local tokenizer."""
         return len(self.prompt_format.encode(text)) if self.prompt_format.tokenizer is not None else None
@@ -121,8 +133,10 @@ def _answer_span(rendered: str, request: str, answer: str) -> tuple[int, int] | 
     return start, start + len(answer)
 
 
-def load_language_model(config: ModelConfig) -> LanguageModel:
-    backend = BACKENDS.create(config.backend, config)
+def load_language_model(config: ModelConfig, adapters: Sequence[str] = ()) -> LanguageModel:
+    """The model of `config`; `adapters`: more adapters its engine will serve through `with_adapter` (backends in
+    BACKENDS.serves_adapters: vLLM)."""
+    backend = BACKENDS.create(config.backend, config, adapters)
     name = config.prompt_format
     if name == AUTO:
         # A backend may know better than the tokenizer: a chat endpoint applies the server's template itself.

@@ -8,6 +8,15 @@ Prompts are tokenized here, with the model's own tokenizer and its special token
 transformers backend does, and passed to vLLM as token ids: prompt formats, token counts and scores then mean the
 same in both backends.
 
+One engine serves the base model and several adapters: `create_vllm_backend(config, adapters=[...])` starts it
+with LoRA slots for all of them (`max_loras`, `max_lora_rank` from their adapter_config.json), and
+`backend.with_adapter(path)` is a view of that engine that sends `path` with every request (None: the base model).
+`close()` releases the engine (and its GPU memory) for every view.
+
+Scoring reads prompt log-probabilities, which vLLM gets wrong or refuses with prefix caching on (vllm#42019: they
+depend on request order): every engine starts with `enable_prefix_caching=False`, and `score` refuses an engine whose
+`engine_args` turned it back on.
+
 Parallelism (`options`): `tensor_parallel_size` GPUs hold one copy of the model (vLLM's own tensor parallelism);
 `data_parallel_size` copies run in worker processes, each on its own GPUs (set through CUDA_VISIBLE_DEVICES), and
 every call is split evenly between them. Sampling uses seed + item index per item, so results do not depend on how
@@ -18,9 +27,12 @@ dtype `auto` is vLLM's auto (the checkpoint's dtype; fp16 for fp32 checkpoints):
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +47,7 @@ from selfalign.errors import SelfAlignError
 logger = logging.getLogger(__name__)
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
-ADAPTER_NAME, ADAPTER_ID = "selfalign-adapter", 1
+ADAPTER_NAME = "selfalign-adapter"  # + "-<id>": vLLM tells adapters apart by name, so each path gets its own
 WORKER_START_TIMEOUT_S = 1800  # loading a large model, compiling CUDA graphs
 
 
@@ -73,12 +85,22 @@ def build_engine(engine_kwargs: dict[str, Any]) -> Any:
     return LLM(**engine_kwargs)
 
 
-def _lora_request(adapter: str | None) -> Any:
-    if adapter is None:
+def shut_down(engine: Any) -> None:
+    """Stop vLLM's engine-core process now, not whenever garbage collection gets to it (a no-op where none)."""
+    core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+    if callable(getattr(core, "shutdown", None)):
+        core.shutdown()
+
+
+LoRA = tuple[str, int, str]  # LoRARequest's lora_name, lora_int_id, lora_path: plain data, to send to replicas
+
+
+def _lora_request(lora: LoRA | None) -> Any:
+    if lora is None:
         return None
     from vllm.lora.request import LoRARequest
 
-    return LoRARequest(ADAPTER_NAME, ADAPTER_ID, adapter)
+    return LoRARequest(*lora)
 
 
 def run_generate(
@@ -86,7 +108,7 @@ def run_generate(
     prompt_ids: list[list[int]],
     sampling: dict[str, Any],
     seeds: list[int | None],
-    adapter: str | None,
+    lora: LoRA | None,
     show_progress: bool,
 ) -> list[tuple[str, list[int], str, Any]]:
     """(text, generated token ids, finish reason, stop reason) per prompt, in order."""
@@ -94,7 +116,7 @@ def run_generate(
 
     params = [SamplingParams(**sampling, seed=seed) for seed in seeds]
     prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]  # a TokensPrompt each
-    outputs = engine.generate(prompts, params, use_tqdm=show_progress, lora_request=_lora_request(adapter))
+    outputs = engine.generate(prompts, params, use_tqdm=show_progress, lora_request=_lora_request(lora))
     results = []
     for output in outputs:
         sample = output.outputs[0]
@@ -103,7 +125,7 @@ def run_generate(
 
 
 def run_score(
-    engine: Any, sequences: list[list[int]], target_lengths: list[int], adapter: str | None, show_progress: bool
+    engine: Any, sequences: list[list[int]], target_lengths: list[int], lora: LoRA | None, show_progress: bool
 ) -> list[float]:
     """Sum of the prompt log-probabilities of each sequence's last `target_length` tokens."""
     from vllm import SamplingParams
@@ -111,7 +133,7 @@ def run_score(
     # prompt_logprobs=1: vLLM returns the top token and the actual prompt token at each position.
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
     prompts = [{"prompt_token_ids": ids} for ids in sequences]
-    outputs = engine.generate(prompts, params, use_tqdm=show_progress, lora_request=_lora_request(adapter))
+    outputs = engine.generate(prompts, params, use_tqdm=show_progress, lora_request=_lora_request(lora))
     scores = []
     for output, ids, length in zip(outputs, sequences, target_lengths):
         per_position = output.prompt_logprobs
@@ -138,8 +160,12 @@ def _worker_main(connection: Any, engine_kwargs: dict[str, Any], devices: str) -
         return
     connection.send(("ready", None))
     while True:
-        command, arguments = connection.recv()
+        try:
+            command, arguments = connection.recv()
+        except EOFError:  # the parent is gone without a 'stop'
+            return
         if command == "stop":
+            shut_down(engine)
             return
         try:
             function = run_generate if command == "generate" else run_score
@@ -148,32 +174,65 @@ def _worker_main(connection: Any, engine_kwargs: dict[str, Any], devices: str) -
             connection.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def _stop_workers(connections: list[Any], processes: list[Any]) -> None:
+    """Ask each worker to stop, wait for it, and terminate the ones that do not stop in time."""
+    for connection, process in zip(connections, processes):
+        if process.is_alive():
+            try:
+                connection.send(("stop", None))
+            except (BrokenPipeError, OSError):
+                pass
+    for process in processes:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=10)
+    for connection in connections:
+        connection.close()
+
+
 class _Replicas:
-    """Data-parallel worker processes, started with `spawn` (CUDA cannot be used in forked children)."""
+    """Data-parallel worker processes, started with `spawn` (CUDA cannot be used in forked children).
+
+    Not daemonic: vLLM's V1 engine starts its own engine-core process inside each worker, and Python forbids
+    children of daemonic processes ("daemonic processes are not allowed to have children", vllm#18308). vLLM's own
+    data parallelism is no way out: its offline `LLM(data_parallel_size>1)` raises ValueError (read in 0.32 and
+    0.33; it points to a multi-process example like this one). Non-daemonic workers would keep the interpreter from
+    exiting, so they are stopped by `close()`, by a failed start, and at exit by a multiprocessing finalizer, which
+    runs before multiprocessing joins its children.
+    """
 
     def __init__(self, engine_kwargs: dict[str, Any], device_groups: list[str]) -> None:
         context = multiprocessing.get_context("spawn")
         self.connections: list[Any] = []
         self.processes: list[Any] = []
-        for devices in device_groups:
-            parent_end, child_end = context.Pipe()
-            process = context.Process(target=_worker_main, args=(child_end, engine_kwargs, devices), daemon=True)
-            process.start()
-            self.connections.append(parent_end)
-            self.processes.append(process)
-        for rank in range(len(self.connections)):
-            status, detail = self._receive(rank, WORKER_START_TIMEOUT_S)
-            if status != "ready":
-                self.close()
-                raise SelfAlignError(f"vllm backend: data-parallel replica {rank} did not start: {detail}")
+        self._finalizer = multiprocessing.util.Finalize(
+            self, _stop_workers, args=(self.connections, self.processes), exitpriority=10
+        )
+        try:
+            for devices in device_groups:
+                parent_end, child_end = context.Pipe()
+                process = context.Process(target=_worker_main, args=(child_end, engine_kwargs, devices), daemon=False)
+                process.start()
+                child_end.close()  # the worker holds it: a worker that dies then reads as EOF here
+                self.connections.append(parent_end)
+                self.processes.append(process)
+            for rank in range(len(self.connections)):
+                status, detail = self._receive(rank, WORKER_START_TIMEOUT_S)
+                if status != "ready":
+                    raise SelfAlignError(f"vllm backend: data-parallel replica {rank} did not start: {detail}")
+        except BaseException:
+            self.close()
+            raise
 
     def _receive(self, rank: int, timeout: float) -> tuple[str, Any]:
         connection = self.connections[rank]
-        if not connection.poll(timeout):
-            return "error", f"no answer in {timeout:.0f} s"
         try:
+            if not connection.poll(timeout):
+                return "error", f"no answer in {timeout:.0f} s"
             return connection.recv()
-        except EOFError:
+        except (EOFError, OSError):
+            self.processes[rank].join(timeout=5)
             return "error", f"the process ended (exit code {self.processes[rank].exitcode})"
 
     def map(self, command: str, shards: list[tuple]) -> list[Any]:
@@ -182,24 +241,18 @@ class _Replicas:
         for rank in busy:
             self.connections[rank].send((command, shards[rank]))
         results: list[Any] = [None] * len(shards)
-        for rank in busy:
+        failures = []
+        for rank in busy:  # every answer is read, so that no stale one is left in a pipe for the next call
             status, detail = self._receive(rank, timeout=7 * 24 * 3600)
             if status != "ok":
-                raise SelfAlignError(f"vllm backend: data-parallel replica {rank} failed: {detail}")
+                failures.append(f"replica {rank}: {detail}")
             results[rank] = detail
+        if failures:
+            raise SelfAlignError(f"vllm backend: data-parallel {'; '.join(failures)}")
         return results
 
     def close(self) -> None:
-        for connection, process in zip(self.connections, self.processes):
-            if process.is_alive():
-                try:
-                    connection.send(("stop", None))
-                except (BrokenPipeError, OSError):
-                    pass
-                process.join(timeout=30)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=10)
+        self._finalizer()  # runs _stop_workers once, however often close is called
 
 
 def split_evenly(count: int, parts: int) -> list[range]:
@@ -231,6 +284,51 @@ def device_groups(options: VLLMOptions) -> list[str]:
 # ---- the backend --------------------------------------------------------------------------------------------
 
 
+class _Engine:
+    """What every view of one VLLMBackend shares: the engine (here, or data-parallel replicas) and the LoRA ids."""
+
+    def __init__(self, engine_kwargs: dict[str, Any], options: VLLMOptions, engine: Any = None) -> None:
+        self.kwargs = engine_kwargs
+        self.local = engine
+        self.replicas: _Replicas | None = None
+        self.lora_ids: dict[str, int] = {}
+        if engine is None:
+            if options.data_parallel_size == 1:
+                self.local = build_engine(engine_kwargs)
+            else:
+                self.replicas = _Replicas(engine_kwargs, device_groups(options))
+
+    @property
+    def closed(self) -> bool:
+        return self.local is None and self.replicas is None
+
+    def lora(self, adapter: str | None) -> LoRA | None:
+        """LoRARequest fields for `adapter`: one id per adapter path, kept for the engine's life."""
+        if adapter is None:
+            return None
+        lora_id = self.lora_ids.setdefault(str(adapter), len(self.lora_ids) + 1)
+        return f"{ADAPTER_NAME}-{lora_id}", lora_id, str(adapter)
+
+    def close(self) -> None:
+        if self.replicas is not None:
+            self.replicas.close()
+            self.replicas = None
+        if self.local is not None:
+            shut_down(self.local)
+            self.local = None
+            gc.collect()
+            _free_cuda_memory()
+
+
+def _free_cuda_memory() -> None:
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class VLLMBackend:
     name = "vllm"
 
@@ -246,25 +344,32 @@ class VLLMBackend:
         self.options = options
         self.adapter = adapter
         self.eos_ids = _eos_token_ids(tokenizer)
-        self._engine = engine
-        self._replicas: _Replicas | None = None
-        if engine is None:
-            if options.data_parallel_size == 1:
-                self._engine = build_engine(engine_kwargs)
-            else:
-                self._replicas = _Replicas(engine_kwargs, device_groups(options))
+        self._engine = _Engine(engine_kwargs, options, engine)
+
+    def with_adapter(self, adapter: str | None) -> VLLMBackend:
+        """The same engine answering through `adapter` (None: the base model), one LoRARequest per call."""
+        kwargs = self._engine.kwargs
+        if adapter is not None and not (
+            kwargs.get("enable_lora") and _adapter_rank(adapter) <= kwargs["max_lora_rank"]
+        ):
+            raise SelfAlignError(
+                f"vllm backend: the engine was not started for adapter {adapter} (enable_lora "
+                f"{kwargs.get('enable_lora', False)}, max_lora_rank {kwargs.get('max_lora_rank')}): pass it in adapters"
+            )
+        view = copy.copy(self)  # shares self._engine
+        view.adapter = adapter
+        return view
 
     def close(self) -> None:
-        """Stop data-parallel workers (also done at exit, as they are daemon processes)."""
-        if self._replicas is not None:
-            self._replicas.close()
-            self._replicas = None
+        """Release the engine for every view of it: stop data-parallel workers, or delete the engine, collect
+        garbage and give CUDA's cached memory back, so that the next stage can load its own model."""
+        self._engine.close()
 
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
         if params.no_repeat_ngram_size:
             raise SelfAlignError(
-                "vllm backend: no_repeat_ngram_size is transformers-only (vLLM has none); use repetition_penalty, which "
-                "counts the prompt's tokens too"
+                "vllm backend: no_repeat_ngram_size is transformers-only (vLLM has none); use repetition_penalty, "
+                "which counts the prompt's tokens too"
             )
         prompt_ids = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
         sampling = {
@@ -283,6 +388,11 @@ class VLLMBackend:
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
         """log P(continuation | prompt), summed over the continuation's tokens (tokenized apart from the prompt)."""
         check_score_inputs(prompts, continuations)
+        if self._engine.kwargs.get("enable_prefix_caching") is not False:  # None is vLLM's default: on
+            raise SelfAlignError(
+                "vllm backend: score reads prompt log-probabilities, which depend on request order with prefix "
+                "caching on (vllm#42019); remove enable_prefix_caching from the engine_args"
+            )
         sequences, lengths = [], []
         for prompt, continuation in zip(prompts, continuations):
             prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -297,15 +407,17 @@ class VLLMBackend:
 
     def _dispatch(self, command: str, count: int, arguments_for: Any) -> list[Any]:
         """Run `command` over all items: in this process, or split between the data-parallel replicas."""
-        extra = (self.adapter, self.options.show_progress)
+        if self._engine.closed:
+            raise SelfAlignError("vllm backend: the engine was closed")
+        extra = (self._engine.lora(self.adapter), self.options.show_progress)
         function = run_generate if command == "generate" else run_score
         if count == 0:
             return []
-        if self._replicas is None:
-            return function(self._engine, *arguments_for(range(count)), *extra)
+        if self._engine.replicas is None:
+            return function(self._engine.local, *arguments_for(range(count)), *extra)
         parts = split_evenly(count, self.options.data_parallel_size)
         shards = [(*arguments_for(part), *extra) if len(part) else None for part in parts]
-        return [result for shard in self._replicas.map(command, shards) if shard for result in shard]
+        return [result for shard in self._engine.replicas.map(command, shards) if shard for result in shard]
 
     def _completion(self, prompt_ids: list[int], text: str, tokens: list[int], finish: str, stop_reason: Any):
         if finish not in ("stop", "length"):
@@ -335,8 +447,11 @@ def _adapter_rank(adapter: str) -> int:
     return fitting[0]
 
 
-def engine_arguments(config: Any, options: VLLMOptions, model_source: str) -> dict[str, Any]:
-    """vllm.LLM keyword arguments from our config; `engine_args` may add or override any."""
+def engine_arguments(
+    config: Any, options: VLLMOptions, model_source: str, adapters: Sequence[str] = ()
+) -> dict[str, Any]:
+    """vllm.LLM keyword arguments from our config; `engine_args` may add or override any. `adapters` (with
+    config.adapter) get one LoRA slot each, at the largest of their ranks."""
     kwargs: dict[str, Any] = {
         "model": model_source,
         "tensor_parallel_size": options.tensor_parallel_size,
@@ -345,6 +460,7 @@ def engine_arguments(config: Any, options: VLLMOptions, model_source: str) -> di
         "gpu_memory_utilization": options.gpu_memory_utilization,
         "enforce_eager": options.enforce_eager,
         "trust_remote_code": options.trust_remote_code,
+        "enable_prefix_caching": False,  # score's prompt log-probabilities need it off (vllm#42019)
     }
     if options.max_model_len is not None:
         kwargs["max_model_len"] = options.max_model_len
@@ -352,14 +468,17 @@ def engine_arguments(config: Any, options: VLLMOptions, model_source: str) -> di
         kwargs["max_num_seqs"] = options.max_num_seqs
     if config.load_in_4bit:
         kwargs["quantization"] = "bitsandbytes"  # vLLM's in-flight 4-bit quantization
-    if config.adapter:
+    served = list(dict.fromkeys([*([config.adapter] if config.adapter else []), *adapters]))
+    if served:
         kwargs["enable_lora"] = True
-        kwargs["max_lora_rank"] = options.max_lora_rank or _adapter_rank(config.adapter)
+        kwargs["max_loras"] = len(served)  # all resident: switching variants reloads nothing
+        kwargs["max_lora_rank"] = options.max_lora_rank or max(_adapter_rank(adapter) for adapter in served)
     return {**kwargs, **options.engine_args}
 
 
-def create_vllm_backend(config: Any) -> VLLMBackend:
-    """`backend: vllm`: the model from any model reference, an adapter through LoRARequest, options: VLLMOptions."""
+def create_vllm_backend(config: Any, adapters: Sequence[str] = ()) -> VLLMBackend:
+    """`backend: vllm`: the model from any model reference, an adapter through LoRARequest, options: VLLMOptions.
+    `adapters`: more adapters the engine will serve through `with_adapter`, as well as config.adapter."""
     try:
         options = VLLMOptions.model_validate(config.options)
     except ValidationError as exc:
@@ -367,10 +486,11 @@ def create_vllm_backend(config: Any) -> VLLMBackend:
     from selfalign.models.loading import load_tokenizer, local_folder_for
     from selfalign.models.references import resolve_model_reference
 
-    if config.adapter and not Path(config.adapter).is_dir():
-        raise SelfAlignError(f"vllm backend: adapter folder not found: {config.adapter}")
+    for adapter in [config.adapter, *adapters]:
+        if adapter and not Path(adapter).is_dir():
+            raise SelfAlignError(f"vllm backend: adapter folder not found: {adapter}")
     model_source = local_folder_for(resolve_model_reference(config.model))  # GGUF -> the safetensors cache
     tokenizer = load_tokenizer(config.model)
-    kwargs = engine_arguments(config, options, model_source)
+    kwargs = engine_arguments(config, options, model_source, adapters)
     logger.info("starting vLLM: %s", {key: value for key, value in kwargs.items() if key != "model"})
     return VLLMBackend(tokenizer, kwargs, options, adapter=config.adapter)

@@ -69,14 +69,21 @@ def compare_command(
     from rich.table import Table
 
     from selfalign.backends.base import GenerationParams
-    from selfalign.backends.language_model import ModelConfig, load_language_model
+    from selfalign.backends.language_model import ModelConfig
+    from selfalign.evaluation.run import BASE, EvaluationModels
 
-    variants = {"base": None, **parse_adapters(adapter)}
-    table = Table(*variants, show_lines=True)
+    adapters = parse_adapters(adapter)
+    table = Table(BASE, *adapters, show_lines=True)
     answers = []
-    for path in variants.values():
-        variant = load_language_model(ModelConfig(model=model, adapter=path))
-        answers.append(variant.answer([prompt], GenerationParams(max_new_tokens=max_new_tokens))[0].text)
+    models = EvaluationModels(ModelConfig(model=model), adapters)  # one engine for all where the backend can
+    try:
+        for name in [BASE, *adapters]:
+            variant = models.variant(name)
+            answers.append(variant.answer([prompt], GenerationParams(max_new_tokens=max_new_tokens))[0].text)
+            models.done_with(variant)
+            del variant
+    finally:
+        models.close()
     table.add_row(*answers)
     Console().print(table)
 

@@ -28,9 +28,12 @@ def rescore(eval_dir: Path, judge: JudgeConfig) -> tuple[Path, dict]:
     model = load_language_model(judge.model or config.model)
     new_judge = build_judge(judge, model)
     judged = [s for s in samples if s["set"] != "helpful"]
-    verdicts = new_judge.judge(
-        [s["prompt"] for s in judged], [s["answer"] for s in judged], [s["source"] for s in judged]
-    )
+    try:
+        verdicts = new_judge.judge(
+            [s["prompt"] for s in judged], [s["answer"] for s in judged], [s["source"] for s in judged]
+        )
+    finally:
+        model.close()  # a vLLM engine and its GPU memory
     by_id = {id(s): v for s, v in zip(judged, verdicts)}
     rescored = []
     for sample in samples:

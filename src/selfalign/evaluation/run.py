@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from selfalign.backends.base import GenerationParams
+from selfalign.backends.base import BACKENDS, GenerationParams
 from selfalign.backends.language_model import LanguageModel, ModelConfig, load_language_model
 from selfalign.config import StrictModel
 from selfalign.data.jsonl import write_jsonl_atomic, write_text_atomic
@@ -131,8 +131,56 @@ def spread_over_categories(rows: list[dict], limit: int | None) -> list[dict]:
     return spread[:limit]
 
 
-def variant_config(config: EvaluateConfig, variant: str) -> ModelConfig:
-    return config.model.model_copy(update={"adapter": None if variant == BASE else config.adapters[variant]})
+class EvaluationModels:
+    """The variants (the base model and each adapter) and judges an evaluation loads, all released by `close`.
+
+    A backend that serves adapters per request (BACKENDS.serves_adapters: vLLM, one LoRARequest per call) loads the
+    base model once with every adapter enabled, and each variant is a view of that engine; a judge that is the base
+    model uses it too. Other backends (transformers) load each variant on its own and drop it before the next.
+    """
+
+    def __init__(self, model: ModelConfig, adapters: dict[str, str]) -> None:
+        self.model, self.adapters = model, adapters
+        self.shared = model.backend in BACKENDS.serves_adapters
+        self._engine: LanguageModel | None = None  # the shared engine, once loaded
+        self._engine_judges = False
+        self._judges: list[LanguageModel] = []
+
+    def variant(self, name: str) -> LanguageModel:
+        config = self.model.model_copy(update={"adapter": None if name == BASE else self.adapters[name]})
+        if not self.shared:
+            return load_language_model(config)
+        if self._engine is None:
+            base = self.model.model_copy(update={"adapter": None})
+            self._engine = load_language_model(base, adapters=list(self.adapters.values()))
+        return self._engine.with_adapter(config)
+
+    def done_with(self, model: LanguageModel) -> None:
+        """A variant has answered: closed now, unless it is a view of the shared engine (the next one needs it)."""
+        if not self.shared:
+            model.close()
+
+    def judge(self, config: ModelConfig) -> LanguageModel:
+        if self.shared and config == self.model.model_copy(update={"adapter": None}):
+            self._engine_judges = True
+            return self.variant(BASE)
+        if not self._engine_judges:
+            self._close_engine()  # its GPU memory goes before another model loads
+        judge = load_language_model(config)
+        self._judges.append(judge)
+        return judge
+
+    def _close_engine(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def close(self) -> None:
+        self._close_engine()
+        for judge in self._judges:
+            judge.close()
+        self._judges.clear()
+        gc.collect()
 
 
 def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
@@ -143,6 +191,14 @@ def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
             raise SelfAlignError(f"adapter '{name}': folder not found: {path}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "config.json", config.model_dump_json(indent=2) + "\n")
+    models = EvaluationModels(config.model, config.adapters)
+    try:
+        return _evaluate(config, out_dir, models)
+    finally:
+        models.close()  # engines and their GPU memory go before the next stage loads its model, also after an error
+
+
+def _evaluate(config: EvaluateConfig, out_dir: Path, models: EvaluationModels) -> dict:
     items = load_prompt_sets(config)
     questions = load_capability(config.capability, config.capability_limit) if config.capability else []
     variants = [BASE, *config.adapters]
@@ -153,7 +209,7 @@ def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
         store = ResumableJsonl(out_dir / "answers" / f"{variant}.jsonl")
         scored = ResumableJsonl(out_dir / "capability" / f"{variant}.jsonl")
         if len(store) < len(items) or len(scored) < len(questions):
-            model = load_language_model(variant_config(config, variant))
+            model = models.variant(variant)
             logger.info("answering %d prompts with %s", len(items), variant)
             answers[variant] = process_resumably(
                 items, store, lambda chunk, model=model: _answer(model, chunk, config), config.chunk_size
@@ -163,6 +219,7 @@ def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
                 capability[variant] = process_resumably(
                     questions, scored, lambda chunk, model=model: score_choices(model, chunk), config.chunk_size
                 )
+            models.done_with(model)
             del model
             gc.collect()
         else:
@@ -170,9 +227,9 @@ def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
             capability[variant] = [scored.get(item["key"]) for item in questions]
 
     # ---- 2. judgments -----------------------------------------------------------------------------------------
-    own = (load_language_model(config.judge.model or config.model), config.judge)
+    own = (models.judge(config.judge.model or config.model), config.judge)
     external = None if config.external_judge is None else (
-        load_language_model(config.external_judge.model), config.external_judge)  # fmt: skip
+        models.judge(config.external_judge.model), config.external_judge)  # fmt: skip
     # the judge of record gives every reported verdict; the other one (if any) is compared with it
     (judge_model, record_judge), second = (external, own) if config.external_judge_reads == "everything" else (
         own, external)  # fmt: skip
