@@ -53,7 +53,8 @@ def test_run_report_shows_answer_quality_and_the_pairwise_judge_of_every_variant
     def sample(variant, set_name, answer, key):
         return {"variant": variant, "key": key, "set": set_name, "prompt": "p", "answer": answer, "category": "c",
                 "source": "harmful" if set_name == "harmful" else "benign", "judge_label": 0,
-                "refused_detector": False, "complies_label": 1, "completion_tokens": 10, "difficulty": "plain"}  # fmt: skip
+                "refused_detector": False, "complies_label": 1, "completion_tokens": 10,
+                "difficulty": "plain"}  # fmt: skip
 
     loop = "I'm going to look at the house. " * 4
     samples = [sample("base", "harmful", loop, f"h{i}") for i in range(4)]
