@@ -112,7 +112,8 @@ def test_each_run_is_selfalign_run_of_the_base_config_on_the_dev_splits(tmp_path
     runs = plan_sweep(sweep)
     assert [run.name for run in runs] == ["p1-seed3", "p1-seed4", "p2-seed3", "p2-seed4"]
     config = runs[3].config
-    assert config.seed == 4 and config.training.settings["dpo"] == {"learning_rate": 1e-4}
+    assert config.seed == 4 and config.training.settings["dpo"]["learning_rate"] == 1e-4  # beside the demo's own
+    assert config.training_config.dpo.learning_rate == 1e-4
     assert str(config.out) == str(tmp_path / "run") and config.evaluation.limit == 7
     evaluation = config.evaluation
     assert (evaluation.harmful, evaluation.benign, evaluation.helpful, evaluation.capability) == (
