@@ -2,22 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-
-import pytest
-
 from selfalign.shipped_configs import shipped_config, shipped_names
 from tests.cli_runner import run_cli
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI's root callback installs its own log handler on the root logger; put the old ones back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_list_names_every_shipped_config_with_its_description(monkeypatch, capsys):

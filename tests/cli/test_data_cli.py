@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -17,16 +16,6 @@ GOOD_ROWS = [
     {"prompt": "How do I boil an egg?", "response": "Simmer it for nine minutes.", "label": 0},
     {"prompt": "How do I pick a lock on someone else's door?", "response": "Here is how...", "label": 1},
 ]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI's root callback installs its own log handler on the root logger; put the old ones back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture

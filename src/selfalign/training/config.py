@@ -9,7 +9,7 @@ Precedence: defaults < preset < YAML < `key=value` overrides.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -31,7 +31,20 @@ class LoraSettings(StrictModel):
     )
 
 
-class SFTSettings(StrictModel):
+class MethodSettings(StrictModel):
+    """What SFT's and DPO's sections share: a `trl:` pass-through checked against that method's TRL config."""
+
+    trl_class: ClassVar[str]
+
+    @field_validator("trl", check_fields=False)
+    @classmethod
+    def _trl_fields_exist(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_pass_through(value, cls.trl_class)
+
+
+class SFTSettings(MethodSettings):
+    trl_class: ClassVar[str] = "SFTConfig"
+
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the SFT adapter.")
     max_steps: int | None = Field(None, description="SFT's optimizer steps; None: the top-level max_steps.")
     include_helpful: bool = Field(
@@ -58,13 +71,10 @@ class SFTSettings(StrictModel):
         "this config already sets is refused with the name of the setting to use.",
     )
 
-    @field_validator("trl")
-    @classmethod
-    def _trl_fields_exist(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_pass_through(value, "SFTConfig")
 
+class DPOSettings(MethodSettings):
+    trl_class: ClassVar[str] = "DPOConfig"
 
-class DPOSettings(StrictModel):
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of the DPO adapter.")
     beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference.")
     include_helpful: bool = Field(
@@ -87,6 +97,7 @@ class DPOSettings(StrictModel):
         description="Fail when the first step's loss is further than this from ln 2: policy and reference start "
         "equal, so anything else means a broken reference.",
     )
+
     @property
     def pair_types(self) -> tuple[str, ...]:
         return ("refusal", "helpful") if self.include_helpful else ("refusal",)
@@ -96,11 +107,6 @@ class DPOSettings(StrictModel):
         description="Any other field of TRL's DPOConfig, passed through as given (e.g. {loss_type: [ipo], "
         "rpo_alpha: 1.0}); a field this config already sets is refused with the name of the setting to use.",
     )
-
-    @field_validator("trl")
-    @classmethod
-    def _trl_fields_exist(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_pass_through(value, "DPOConfig")
 
 
 class TrainingConfig(StrictModel):
