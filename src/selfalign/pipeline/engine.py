@@ -23,6 +23,7 @@ from selfalign.data.jsonl import is_atomic_write_leftover, write_text_atomic
 from selfalign.errors import SelfAlignError
 from selfalign.pipeline.config import RunConfig
 from selfalign.pipeline.memory import lifetime_peak_kb, measure_peak_memory, release_free_memory
+from selfalign.stage_settings import settings_key
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +86,7 @@ def folder_hash(folder: Path, unhashed: tuple[str, ...] = ()) -> str:
 
 
 def stage_key(stage: Stage, input_hashes: dict[str, str]) -> str:
-    text = json.dumps(
-        {"stage": stage.kind, "settings": stage.settings, "inputs": input_hashes}, sort_keys=True, default=str
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return settings_key({"stage": stage.kind, "settings": stage.settings, "inputs": input_hashes})
 
 
 def read_marker(folder: Path) -> dict | None:
