@@ -1,9 +1,10 @@
 """`selfalign run`: tune-judge -> preferences (respond, judge, revise, build) -> SFT -> DPO -> evaluate -> report.
 
-The pipeline only wires stages. Each stage's folder is named by a hash of what changes its output: its settings
-and the content hashes of its inputs. A rerun skips a stage whose folder is complete (`stage.json` is written
-last), reruns a stage whose folder was left unfinished (the stage itself resumes item by item), and a changed
-setting gives the stages it affects new folders while the others stay cached.
+The pipeline only wires stages: each returns its outputs, which the engine hands to the stages that read them (a
+cached stage's are read back from its folder). Each stage's folder is named by a hash of what changes its output:
+its settings and the content hashes of its inputs. A rerun skips a stage whose folder is complete (`stage.json` is
+written last), reruns a stage whose folder was left unfinished (the stage itself resumes item by item), and a
+changed setting gives the stages it affects new folders while the others stay cached.
 """
 
 from __future__ import annotations
