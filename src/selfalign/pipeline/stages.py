@@ -129,10 +129,15 @@ def plan_stages(config: RunConfig) -> list[Stage]:
     }
     stages.append(
         Stage(
-            "evaluate", "evaluate", judge_inputs + adapters, settings, partial(run_evaluation, evaluation),
-            Evaluation.from_folder, count_evaluation_tokens,
+            "evaluate",
+            "evaluate",
+            judge_inputs + adapters,
+            settings,
+            partial(run_evaluation, evaluation),
+            Evaluation.from_folder,
+            count_evaluation_tokens,
         )
-    )  # fmt: skip
+    )
     report_inputs = [s.name for s in stages]
     stages.append(Stage("report", "report", report_inputs, {}, partial(run_report, None), RunReport.from_folder))
     return stages
