@@ -20,6 +20,9 @@ strings are sent; OpenAI's own API accepts at most 4), and repetition_penalty, a
 servers, `repeat_penalty` for llama.cpp's, null for APIs that refuse the field (OpenAI's). Token counts come from
 the answer's `usage`; a server that reports none gives 0.
 
+`adapter:` (a local PEFT folder) is registered with the servers at run time and requests then name it as their
+`model` (`runtime_lora: vllm`, see selfalign.backends.runtime_lora); `close` unregisters it.
+
 The API key is read from the environment variable that `api_key_env` names, so configs never hold it; it is sent
 only in the Authorization header and replaced by *** in every message this module writes.
 """
@@ -60,7 +63,7 @@ class OpenAIOptions(StrictModel):
     # Where and how requests go, not what comes back: left out of stage cache keys.
     OUTPUT_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
         {"base_url", "base_urls", "api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_s",
-         "backoff_max_s", "show_progress"}
+         "backoff_max_s", "show_progress", "runtime_lora", "adapter_path_map"}
     )  # fmt: skip
 
     base_url: str | None = Field(None, description="The server, e.g. http://127.0.0.1:8000/v1 (or use base_urls).")
@@ -84,6 +87,17 @@ class OpenAIOptions(StrictModel):
         default_factory=dict, description="Fields added to every request as they are (e.g. top_k)."
     )
     show_progress: bool = Field(True, description="Show a progress bar on stderr.")
+    runtime_lora: Literal["vllm", "none"] = Field(
+        "vllm",
+        description="How `adapter:` reaches the server. vllm: registered at run time (/v1/load_lora_adapter; vLLM "
+        "started with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora); none: the server cannot load "
+        "adapters (llama.cpp, hosted APIs), so `adapter:` is an error: serve it under its own name and set model.",
+    )
+    adapter_path_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Local folder -> the same folder as the server sees it, for adapter paths sent to a server "
+        "on another filesystem view (e.g. {runs: /mnt/runs} for a container that mounts ./runs at /mnt/runs).",
+    )
 
     @field_validator("base_urls")
     @classmethod
@@ -155,6 +169,7 @@ class OpenAIBackend:
         self.options = options
         self.system_prompt = system_prompt  # sent as the system message on the chat endpoint
         self._api_key = _Secret(api_key)
+        self._adapter: Any = None  # a RuntimeLoRA once `serve_adapter` registered one
         self.last_run = RunStats({})
         # With the chat endpoint the server applies the chat template, so the request goes through unchanged.
         self.default_prompt_format = "raw" if options.endpoint == "chat" else "auto"
@@ -163,6 +178,19 @@ class OpenAIBackend:
         return (
             f"OpenAIBackend(model={self.model!r}, base_urls={self.options.base_urls}, endpoint={self.options.endpoint})"
         )
+
+    def serve_adapter(self, adapter: str) -> None:
+        """Register the PEFT adapter folder `adapter` with every server; requests then name it as their model."""
+        from selfalign.backends.runtime_lora import RuntimeLoRA
+
+        registration = RuntimeLoRA(adapter, self.options, self._api_key, self._retry_delay)
+        registration.load()
+        self._adapter, self.model = registration, registration.name
+
+    def close(self) -> None:
+        """Unregister the adapter from the servers where `serve_adapter` registered it."""
+        if self._adapter is not None:
+            self._adapter.unload()
 
     # ---- the Backend interface --------------------------------------------------------------------------------
 
@@ -446,10 +474,10 @@ def create_openai_backend(config: Any) -> OpenAIBackend:
         options = OpenAIOptions.model_validate(config.options)
     except ValidationError as exc:
         raise SelfAlignError(format_validation_error(exc, "openai backend options")) from None
-    if config.adapter:
+    if config.adapter and options.runtime_lora == "none":
         raise SelfAlignError(
-            "openai backend: adapters are loaded by the server (e.g. vLLM's --lora-modules NAME=PATH); "
-            "set model: NAME instead of adapter"
+            "openai backend: runtime_lora is none, so the server cannot load adapter "
+            f"{config.adapter}; serve it under a name of its own (vLLM: --lora-modules NAME=PATH) and set model: NAME"
         )
     if config.load_in_4bit or config.dtype != "auto":
         raise SelfAlignError("openai backend: dtype and load_in_4bit are the server's settings, not selfalign's")
@@ -463,4 +491,7 @@ def create_openai_backend(config: Any) -> OpenAIBackend:
         api_key = os.environ.get(options.api_key_env)
         if not api_key:
             raise SelfAlignError(f"openai backend: the environment variable {options.api_key_env} is not set")
-    return OpenAIBackend(config.model, options, api_key=api_key, system_prompt=config.system_prompt)
+    backend = OpenAIBackend(config.model, options, api_key=api_key, system_prompt=config.system_prompt)
+    if config.adapter:
+        backend.serve_adapter(config.adapter)
+    return backend
