@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import email.utils
 import logging
 import os
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -43,13 +41,14 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from selfalign.backends.base import Completion, GenerationParams, check_score_inputs, truncate_at_stop
+from selfalign.backends.http import RETRYABLE_STATUS, Secret, error_text, retry_after_seconds
+from selfalign.backends.runtime_lora import RuntimeLoRA
 from selfalign.config import StrictModel, format_validation_error
 from selfalign.errors import SelfAlignError
 from selfalign.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = {408, 425, 429}  # plus every 5xx
 NO_PROMPT_LOGPROBS = (
     "the server returned no log-probabilities for the prompt's tokens, which `score` needs (it sends echo=true, "
     "logprobs=1 to /v1/completions); llama.cpp's server gives them only when started with --logits_all true, "
@@ -124,22 +123,6 @@ class OpenAIOptions(StrictModel):
         return self
 
 
-class _Secret:
-    """Holds the API key so that no repr, log line or traceback shows it."""
-
-    def __init__(self, value: str | None) -> None:
-        self._value = value or None
-
-    def reveal(self) -> str | None:
-        return self._value
-
-    def scrub(self, text: str) -> str:
-        return text.replace(self._value, "***") if self._value else text
-
-    def __repr__(self) -> str:
-        return "***" if self._value else "None"
-
-
 class _Retryable(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -168,7 +151,7 @@ class OpenAIBackend:
         self.model = model
         self.options = options
         self.system_prompt = system_prompt  # sent as the system message on the chat endpoint
-        self._api_key = _Secret(api_key)
+        self._api_key = Secret(api_key)
         self._adapter: Any = None  # a RuntimeLoRA once `serve_adapter` registered one
         self.last_run = RunStats({})
         # With the chat endpoint the server applies the chat template, so the request goes through unchanged.
@@ -181,8 +164,6 @@ class OpenAIBackend:
 
     def serve_adapter(self, adapter: str) -> None:
         """Register the PEFT adapter folder `adapter` with every server; requests then name it as their model."""
-        from selfalign.backends.runtime_lora import RuntimeLoRA
-
         registration = RuntimeLoRA(adapter, self.options, self._api_key, self._retry_delay)
         registration.load()
         self._adapter, self.model = registration, registration.name
@@ -392,9 +373,9 @@ class OpenAIBackend:
             raise _Retryable(f"connection error ({type(exc).__name__}: {exc})") from None
         status = response.status_code
         if status >= 400:
-            detail = f"HTTP {status}: {_error_text(response)}"
+            detail = f"HTTP {status}: {error_text(response)}"
             if status in RETRYABLE_STATUS or status >= 500:
-                raise _Retryable(detail, retry_after=_retry_after_seconds(response.headers.get("retry-after")))
+                raise _Retryable(detail, retry_after=retry_after_seconds(response.headers.get("retry-after")))
             raise _Fatal(detail)
         try:
             answer = response.json()
@@ -437,35 +418,6 @@ def continuation_logprob(answer: dict[str, Any], start: int, end: int, index: in
     if counted == 0:
         raise SelfAlignError(f"openai backend: item {index}: no echoed token falls in the continuation")
     return total
-
-
-def _error_text(response: Any) -> str:
-    """The server's error message, short: OpenAI-style {"error": {"message": ...}} or the body's start."""
-    try:
-        payload = response.json()
-    except ValueError:
-        return response.text[:300].strip() or response.reason_phrase
-    if isinstance(payload, dict):
-        error = payload.get("error", payload.get("detail", payload))
-        if isinstance(error, dict):
-            error = error.get("message", error)
-        return str(error)[:300]
-    return str(payload)[:300]
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: a number, or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment.timestamp() - time.time())
 
 
 def create_openai_backend(config: Any) -> OpenAIBackend:

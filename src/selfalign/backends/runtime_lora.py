@@ -28,17 +28,14 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from selfalign.backends.openai_backend import (
-    RETRYABLE_STATUS,
-    OpenAIOptions,
-    _error_text,
-    _retry_after_seconds,
-    _Secret,
-)
+from selfalign.backends.http import RETRYABLE_STATUS, Secret, error_text, retry_after_seconds
 from selfalign.errors import SelfAlignError
 from selfalign.models.gguf_cache import sha256_of_file
+
+if TYPE_CHECKING:
+    from selfalign.backends.openai_backend import OpenAIOptions
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +71,7 @@ class RuntimeLoRA:
     """One adapter folder, registered under its content name on every server of an openai backend."""
 
     def __init__(
-        self, folder: str, options: OpenAIOptions, api_key: _Secret, retry_delay: Callable[[int, float | None], float]
+        self, folder: str, options: OpenAIOptions, api_key: Secret, retry_delay: Callable[[int, float | None], float]
     ) -> None:
         self.folder = Path(folder).expanduser().resolve()
         for file_name in ADAPTER_FILES:
@@ -126,7 +123,7 @@ class RuntimeLoRA:
         if status < 300:
             logger.info("adapter %s registered as model '%s' on %s", self.folder, self.name, base_url)
             return True
-        message = one_line(self._api_key.scrub(_error_text(response)))
+        message = one_line(self._api_key.scrub(error_text(response)))
         if status == 400 and "already been loaded" in message:
             logger.info("adapter %s: %s already has model '%s'", self.folder, base_url, self.name)
             return False
@@ -160,7 +157,7 @@ class RuntimeLoRA:
                     self.loaded_on.remove(base_url)
                     logger.info("model '%s' unregistered from %s", self.name, base_url)
                     continue
-                problem = f"HTTP {response.status_code}: {_error_text(response)}"
+                problem = f"HTTP {response.status_code}: {error_text(response)}"
             self.loaded_on.remove(base_url)  # one attempt only
             logger.warning(
                 "could not unregister model '%s' (adapter %s) from %s: %s", self.name, self.folder, base_url,
@@ -185,8 +182,8 @@ class RuntimeLoRA:
                 status = response.status_code
                 if status not in RETRYABLE_STATUS and status <= 500:
                     return response
-                problem = f"HTTP {status}: {_error_text(response)}"
-                retry_after = _retry_after_seconds(response.headers.get("retry-after"))
+                problem = f"HTTP {status}: {error_text(response)}"
+                retry_after = retry_after_seconds(response.headers.get("retry-after"))
             problem = one_line(self._api_key.scrub(problem))
             if attempt > self.options.max_retries:
                 raise SelfAlignError(
