@@ -101,8 +101,8 @@ def _split_arguments(command: Any, words: list[str]) -> tuple[dict[str, str | No
     index = 0
     while index < len(words):
         word = words[index].strip("[]")
-        if word.startswith("--"):
-            name, _, inline = word.partition("=")
+        if word.startswith("-") and len(word) > 1 and not word[1].isdigit():  # --name or -n, not a number
+            name, _, inline = word.partition("=") if word.startswith("--") else (word, "", "")
             takes_value = name not in flags and not inline and index + 1 < len(words)
             options[name] = inline or (words[index + 1] if takes_value else None)
             index += 2 if takes_value else 1

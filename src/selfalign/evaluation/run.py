@@ -268,8 +268,12 @@ def _evaluate(config: EvaluateConfig, out_dir: Path, models: EvaluationModels) -
 
     # ---- 4. metrics and report --------------------------------------------------------------------------------
     samples = [
-        {"variant": variant, **answer, **judgment,
-         **({"external_label": second_labels[variant][i]} if second_labels else {})}  # fmt: skip
+        {
+            "variant": variant,
+            **answer,
+            **judgment,
+            **({"external_label": second_labels[variant][i]} if second_labels else {}),
+        }  # fmt: skip
         for variant in variants
         for i, (answer, judgment) in enumerate(zip(answers[variant], judgments[variant]))
     ]
