@@ -7,6 +7,7 @@ stand-ins for the other stages' bodies (and for accelerate, where only the child
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,41 @@ def test_the_childs_lines_go_to_the_log_and_a_failure_is_one_line(caplog):
     assert "sft | step 1" in caplog.messages and "sft | error: no pairs left" in caplog.messages
     with pytest.raises(SelfAlignError, match=r"^dpo: W was killed by signal 9; its output is in the log$"):
         launcher_module.run_logged([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"], "dpo", "dpo: W")
+
+
+def test_an_interrupted_run_stops_the_child_and_what_the_child_started(monkeypatch):
+    script = (
+        "import subprocess, sys, time\n"
+        "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print('worker', worker.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    workers = []
+
+    class InterruptAtTheWorkersLine:
+        def info(self, message, *args):
+            if len(args) == 2 and args[1].startswith("worker "):
+                workers.append(int(args[1].split()[1]))
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(launcher_module, "logger", InterruptAtTheWorkersLine())
+    with pytest.raises(KeyboardInterrupt):
+        launcher_module.run_logged([sys.executable, "-c", script], "sft", "sft: W")
+    assert workers and not process_alive(workers[0])
+
+
+def process_alive(pid: int, seconds: float = 10.0) -> bool:
+    """Whether `pid` still runs (a zombie, ended but not yet reaped by its new parent, counts as ended)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        if state == "Z":
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def fake_accelerate(monkeypatch, script: str) -> None:

@@ -162,22 +162,22 @@ def run_logged(command: list[str], prefix: str, what: str) -> None:
     logger.info("%s: %s", prefix, shlex.join(command))
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines arrive as they are printed, not per 8 KB
     last_error = None
-    child = subprocess.Popen(
+    with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=environment,
         start_new_session=True,
-    )  # fmt: skip
-    try:
-        assert child.stdout is not None
-        for line in child.stdout:  # text mode splits progress bars' carriage returns into lines too
-            line = line.rstrip()
-            if line:
-                logger.info("%s | %s", prefix, line)
-            if line.startswith("error: "):
-                last_error = line
-        status = child.wait()
-    except BaseException:
-        stop_session(child)
-        raise
+    ) as child:  # fmt: skip
+        try:
+            assert child.stdout is not None
+            for line in child.stdout:  # text mode splits progress bars' carriage returns into lines too
+                line = line.rstrip()
+                if line:
+                    logger.info("%s | %s", prefix, line)
+                if line.startswith("error: "):
+                    last_error = line
+            status = child.wait()
+        except BaseException:
+            stop_session(child)
+            raise
     if status != 0:
         how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
         raise SelfAlignError(f"{what} {how}" + (f" ({last_error})" if last_error else "; its output is in the log"))
