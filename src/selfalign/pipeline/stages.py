@@ -68,7 +68,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     "sft",
                     "sft",
                     ["preferences"],
-                    {"preset": config.training.preset, "training": _training_key(config, "sft"), "stage": "sft"},
+                    _training_stage_settings(config, "sft"),
                     _training_body(config, "sft", "preferences", None),
                     count_training_tokens,
                     unhashed=CHECKPOINTS,
@@ -84,7 +84,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     name,
                     "dpo",
                     inputs,
-                    {"preset": config.training.preset, "training": _training_key(config, "dpo"), "stage": "dpo"},
+                    _training_stage_settings(config, "dpo"),
                     _training_body(config, "dpo", f"preferences{suffix}", start_from),
                     count_training_tokens,
                     unhashed=CHECKPOINTS,
@@ -165,6 +165,19 @@ def _training_key(config: RunConfig, kind: str) -> dict[str, Any]:
     return {key: value for key, value in training_settings(config).items() if key != other}
 
 
+def _training_stage_settings(config: RunConfig, kind: str) -> dict[str, Any]:
+    """What a training stage's key hashes: the preset, its training settings and, when training runs in several
+    processes, their number: data-parallel processes each take `batch_size` examples a step, so their number changes
+    the effective batch and the adapter. Where and how they run (the launcher, its accelerate file, DDP or FSDP) is
+    left out, like a server's address; one process, as a run without a launcher trains, adds nothing, so those keys
+    stay what they were."""
+    settings = {"preset": config.training.preset, "training": _training_key(config, kind), "stage": kind}
+    launcher = config.training.launcher
+    if launcher is not None and launcher.processes > 1:
+        settings["processes"] = launcher.processes
+    return settings
+
+
 def _training_body(config: RunConfig, kind: str, data_stage: str, start_from: str | None):
     def body(inputs: dict[str, Path], folder: Path) -> None:
         dataset = inputs[data_stage] / "dataset"
@@ -175,8 +188,14 @@ def _training_body(config: RunConfig, kind: str, data_stage: str, start_from: st
         if kind == "dpo" and start_from is not None:
             dpo = with_values(training.dpo, sft_adapter=str(adapter_folder(inputs[start_from])))
             training = with_values(training, dpo=dpo)
-        # a record of what this stage trained with, for `selfalign train --config` to repeat it; never read back
+        # what this stage trains with, for `selfalign train --config` to repeat it; a launched child trains from it
         write_text_atomic(folder / "training.yaml", yaml.safe_dump(training.model_dump(mode="json"), sort_keys=False))
+        if config.training.launcher is not None:
+            from selfalign.pipeline.launcher import launch_training
+
+            launch_training(config.training.launcher, kind, folder / "training.yaml", str(dataset / "train.jsonl"),
+                            folder / ADAPTER)  # fmt: skip
+            return
         if kind == "sft":
             from selfalign.training.sft import run_sft as train
         else:
