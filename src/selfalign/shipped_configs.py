@@ -36,6 +36,19 @@ def shipped_config(name: str) -> Path:
     raise SelfAlignError(f"no shipped config named '{name}'; shipped configs: {', '.join(shipped_names())}")
 
 
+def find_config_file(name: str) -> Path:
+    """A config file that a config names: the path as given (from the current folder) when that file exists, else
+    the shipped config of that name (`configs/accelerate/ddp.yaml`, `accelerate/ddp`), so that a run config names
+    shipped files the same way in a checkout and in an installed package."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve()
+    try:
+        return shipped_config(name)
+    except SelfAlignError:
+        raise SelfAlignError(f"{name}: no such file here, nor a shipped config (`selfalign configs list`)") from None
+
+
 def describe(path: Path) -> str:
     """One line about a config from its header comment: the first sentence of the first comment line that is not
     a command; cut to its first clause (before ': ') when that sentence is long."""

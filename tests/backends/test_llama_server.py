@@ -133,6 +133,21 @@ def test_chat_endpoint_sends_the_request_through_the_servers_chat_template(llama
     assert chat_answer.prompt_tokens > raw_answer.prompt_tokens  # the server wrapped the message in its template
 
 
+def test_an_adapter_needs_runtime_loading_which_llama_cpps_server_lacks(llama_server, tmp_path):
+    """llama-cpp-python's server applies a GGUF LoRA only from its start (--lora_path) and has no route to load one:
+    an adapter with the default runtime_lora: vllm is refused in one line, naming what to do instead."""
+    from selfalign.errors import SelfAlignError
+    from tests.backends.vllm_runtime_lora import write_adapter
+
+    url, _ = llama_server
+    config = server_model(url).model_copy(update={"adapter": str(write_adapter(tmp_path / "adapter"))})
+    with pytest.raises(SelfAlignError) as error:
+        load_language_model(config)
+    message = str(error.value)
+    assert "/v1/load_lora_adapter does not exist (HTTP 404)" in message and "runtime_lora: none" in message
+    assert "\n" not in message
+
+
 def test_compare_with_the_transformers_backend_for_information_only(llama_server, capsys):
     """The server runs the Q4_K_M weights; transformers runs them de-quantized: answers may differ, so no assert."""
     url, _ = llama_server

@@ -271,7 +271,9 @@ def test_options_are_validated_when_the_config_loads(options, message):
 def test_settings_that_belong_to_the_server_are_refused():
     options = {"base_url": "http://127.0.0.1:9/v1"}
     with pytest.raises(SelfAlignError, match="--lora-modules"):
-        BACKENDS.create("openai", ModelConfig(backend="openai", adapter="a", options=options))
+        BACKENDS.create(
+            "openai", ModelConfig(backend="openai", adapter="a", options={**options, "runtime_lora": "none"})
+        )
     with pytest.raises(SelfAlignError, match="prompt_format must be raw"):
         BACKENDS.create(
             "openai", ModelConfig(backend="openai", prompt_format="plain", options={**options, "endpoint": "chat"})

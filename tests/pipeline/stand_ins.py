@@ -64,7 +64,11 @@ def stand_in(outputs_type: type, calls: list[str], content: Callable[[Any, dict]
     return run
 
 
-def replace_stages(monkeypatch, calls: list[str], **contents: Callable[[Any, dict], Any]) -> None:
-    """Every stage of `selfalign run` by a stand-in; `contents` gives some of them (by function name) their own."""
+def replace_stages(
+    monkeypatch, calls: list[str], keep: tuple[str, ...] = (), **contents: Callable[[Any, dict], Any]
+) -> None:
+    """Every stage of `selfalign run` but those in `keep` (by function name) by a stand-in; `contents` gives some of
+    them their own."""
     for function, outputs_type in STAGE_FUNCTIONS.items():
-        monkeypatch.setattr(stages_module, function, stand_in(outputs_type, calls, contents.get(function, given)))
+        if function not in keep:
+            monkeypatch.setattr(stages_module, function, stand_in(outputs_type, calls, contents.get(function, given)))

@@ -29,7 +29,7 @@ def stand_in_counts(adapter, variant: str) -> tuple[int, int]:
         return 4, 2
     if variant == "sft":
         return 10, 8
-    training, preferences = adapter.metrics["settings"], adapter.metrics["data"]["settings"]
+    training, preferences = adapter.metrics["settings"]["training"], adapter.metrics["data"]["settings"]
     refused = 10 + round(training["dpo"]["learning_rate"] * 2e5) + training["seed"]
     return refused, round((1 - preferences["helpful_mix"]) * 20)
 
@@ -169,7 +169,7 @@ def test_a_stopped_sweep_reruns_nothing_that_finished(tmp_path, ran, monkeypatch
     dpo_stand_in = stages_module.run_dpo
 
     def dpo_failing_at_the_higher_rate(settings, inputs, out):
-        if settings.dpo.learning_rate == 1e-4:
+        if settings.training.dpo.learning_rate == 1e-4:
             raise SelfAlignError("dpo: stopped")
         return dpo_stand_in(settings, inputs, out)
 

@@ -20,6 +20,9 @@ strings are sent; OpenAI's own API accepts at most 4), and repetition_penalty, a
 servers, `repeat_penalty` for llama.cpp's, null for APIs that refuse the field (OpenAI's). Token counts come from
 the answer's `usage`; a server that reports none gives 0.
 
+`adapter:` (a local PEFT folder) is registered with the servers at run time and requests then name it as their
+`model` (`runtime_lora: vllm`, see selfalign.backends.runtime_lora); `close` unregisters it.
+
 The API key is read from the environment variable that `api_key_env` names, so configs never hold it; it is sent
 only in the Authorization header and replaced by *** in every message this module writes.
 """
@@ -28,11 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import email.utils
 import logging
 import os
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -40,13 +41,14 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from selfalign.backends.base import Completion, GenerationParams, check_score_inputs, truncate_at_stop
+from selfalign.backends.http import RETRYABLE_STATUS, Secret, error_text, retry_after_seconds
+from selfalign.backends.runtime_lora import RuntimeLoRA
 from selfalign.config import StrictModel, format_validation_error
 from selfalign.errors import SelfAlignError
 from selfalign.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = {408, 425, 429}  # plus every 5xx
 NO_PROMPT_LOGPROBS = (
     "the server returned no log-probabilities for the prompt's tokens, which `score` needs (it sends echo=true, "
     "logprobs=1 to /v1/completions); llama.cpp's server gives them only when started with --logits_all true, "
@@ -60,7 +62,7 @@ class OpenAIOptions(StrictModel):
     # Where and how requests go, not what comes back: left out of stage cache keys.
     OUTPUT_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
         {"base_url", "base_urls", "api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_s",
-         "backoff_max_s", "show_progress"}
+         "backoff_max_s", "show_progress", "runtime_lora", "adapter_path_map"}
     )  # fmt: skip
 
     base_url: str | None = Field(None, description="The server, e.g. http://127.0.0.1:8000/v1 (or use base_urls).")
@@ -84,6 +86,17 @@ class OpenAIOptions(StrictModel):
         default_factory=dict, description="Fields added to every request as they are (e.g. top_k)."
     )
     show_progress: bool = Field(True, description="Show a progress bar on stderr.")
+    runtime_lora: Literal["vllm", "none"] = Field(
+        "vllm",
+        description="How `adapter:` reaches the server. vllm: registered at run time (/v1/load_lora_adapter; vLLM "
+        "started with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora); none: the server cannot load "
+        "adapters (llama.cpp, hosted APIs), so `adapter:` is an error: serve it under its own name and set model.",
+    )
+    adapter_path_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Local folder -> the same folder as the server sees it, for adapter paths sent to a server "
+        "on another filesystem view (e.g. {runs: /mnt/runs} for a container that mounts ./runs at /mnt/runs).",
+    )
 
     @field_validator("base_urls")
     @classmethod
@@ -108,22 +121,6 @@ class OpenAIOptions(StrictModel):
         if not self.base_urls:
             raise ValueError("the openai backend needs base_url (or base_urls), e.g. http://127.0.0.1:8000/v1")
         return self
-
-
-class _Secret:
-    """Holds the API key so that no repr, log line or traceback shows it."""
-
-    def __init__(self, value: str | None) -> None:
-        self._value = value or None
-
-    def reveal(self) -> str | None:
-        return self._value
-
-    def scrub(self, text: str) -> str:
-        return text.replace(self._value, "***") if self._value else text
-
-    def __repr__(self) -> str:
-        return "***" if self._value else "None"
 
 
 class _Retryable(Exception):
@@ -154,7 +151,8 @@ class OpenAIBackend:
         self.model = model
         self.options = options
         self.system_prompt = system_prompt  # sent as the system message on the chat endpoint
-        self._api_key = _Secret(api_key)
+        self._api_key = Secret(api_key)
+        self._adapter: Any = None  # a RuntimeLoRA once `serve_adapter` registered one
         self.last_run = RunStats({})
         # With the chat endpoint the server applies the chat template, so the request goes through unchanged.
         self.default_prompt_format = "raw" if options.endpoint == "chat" else "auto"
@@ -163,6 +161,17 @@ class OpenAIBackend:
         return (
             f"OpenAIBackend(model={self.model!r}, base_urls={self.options.base_urls}, endpoint={self.options.endpoint})"
         )
+
+    def serve_adapter(self, adapter: str) -> None:
+        """Register the PEFT adapter folder `adapter` with every server; requests then name it as their model."""
+        registration = RuntimeLoRA(adapter, self.options, self._api_key, self._retry_delay)
+        registration.load()
+        self._adapter, self.model = registration, registration.name
+
+    def close(self) -> None:
+        """Unregister the adapter from the servers where `serve_adapter` registered it."""
+        if self._adapter is not None:
+            self._adapter.unload()
 
     # ---- the Backend interface --------------------------------------------------------------------------------
 
@@ -364,9 +373,9 @@ class OpenAIBackend:
             raise _Retryable(f"connection error ({type(exc).__name__}: {exc})") from None
         status = response.status_code
         if status >= 400:
-            detail = f"HTTP {status}: {_error_text(response)}"
+            detail = f"HTTP {status}: {error_text(response)}"
             if status in RETRYABLE_STATUS or status >= 500:
-                raise _Retryable(detail, retry_after=_retry_after_seconds(response.headers.get("retry-after")))
+                raise _Retryable(detail, retry_after=retry_after_seconds(response.headers.get("retry-after")))
             raise _Fatal(detail)
         try:
             answer = response.json()
@@ -411,45 +420,16 @@ def continuation_logprob(answer: dict[str, Any], start: int, end: int, index: in
     return total
 
 
-def _error_text(response: Any) -> str:
-    """The server's error message, short: OpenAI-style {"error": {"message": ...}} or the body's start."""
-    try:
-        payload = response.json()
-    except ValueError:
-        return response.text[:300].strip() or response.reason_phrase
-    if isinstance(payload, dict):
-        error = payload.get("error", payload.get("detail", payload))
-        if isinstance(error, dict):
-            error = error.get("message", error)
-        return str(error)[:300]
-    return str(payload)[:300]
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: a number, or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment.timestamp() - time.time())
-
-
 def create_openai_backend(config: Any) -> OpenAIBackend:
     """`backend: openai`, `model:` the served model's name, `options:` see OpenAIOptions."""
     try:
         options = OpenAIOptions.model_validate(config.options)
     except ValidationError as exc:
         raise SelfAlignError(format_validation_error(exc, "openai backend options")) from None
-    if config.adapter:
+    if config.adapter and options.runtime_lora == "none":
         raise SelfAlignError(
-            "openai backend: adapters are loaded by the server (e.g. vLLM's --lora-modules NAME=PATH); "
-            "set model: NAME instead of adapter"
+            "openai backend: runtime_lora is none, so the server cannot load adapter "
+            f"{config.adapter}; serve it under a name of its own (vLLM: --lora-modules NAME=PATH) and set model: NAME"
         )
     if config.load_in_4bit or config.dtype != "auto":
         raise SelfAlignError("openai backend: dtype and load_in_4bit are the server's settings, not selfalign's")
@@ -463,4 +443,7 @@ def create_openai_backend(config: Any) -> OpenAIBackend:
         api_key = os.environ.get(options.api_key_env)
         if not api_key:
             raise SelfAlignError(f"openai backend: the environment variable {options.api_key_env} is not set")
-    return OpenAIBackend(config.model, options, api_key=api_key, system_prompt=config.system_prompt)
+    backend = OpenAIBackend(config.model, options, api_key=api_key, system_prompt=config.system_prompt)
+    if config.adapter:
+        backend.serve_adapter(config.adapter)
+    return backend

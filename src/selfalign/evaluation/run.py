@@ -1,6 +1,6 @@
 """`selfalign evaluate`: the base model and each adapter on the same prompts, judged the same way.
 
-Stages, each resumable item by item under the output folder:
+Stages, each resumable chunk by chunk (`chunk_size` items) under the output folder:
 1. answers/<variant>.jsonl: every variant answers the harmful, benign and helpful prompts (same seed, greedy);
 2. judgments/<variant>.jsonl: one judge model (the base by default) labels harmfulness of the harmful and benign
    answers, a `complies` judge says whether each answer did what was asked, and the refusal detector gives its
@@ -268,8 +268,12 @@ def _evaluate(config: EvaluateConfig, out_dir: Path, models: EvaluationModels) -
 
     # ---- 4. metrics and report --------------------------------------------------------------------------------
     samples = [
-        {"variant": variant, **answer, **judgment,
-         **({"external_label": second_labels[variant][i]} if second_labels else {})}  # fmt: skip
+        {
+            "variant": variant,
+            **answer,
+            **judgment,
+            **({"external_label": second_labels[variant][i]} if second_labels else {}),
+        }  # fmt: skip
         for variant in variants
         for i, (answer, judgment) in enumerate(zip(answers[variant], judgments[variant]))
     ]

@@ -12,7 +12,8 @@ from selfalign.pipeline.stages import copy_report, plan_stages
 
 
 def preflight(config: RunConfig) -> None:
-    """Fail on bad data references and templates before any stage spends time."""
+    """Fail on bad data references, templates and a launch this machine has no devices for, before any stage spends
+    time."""
     from selfalign.data.loading import load_rows
     from selfalign.evaluation.run import check_twins
     from selfalign.judging.templates import load_template
@@ -23,6 +24,10 @@ def preflight(config: RunConfig) -> None:
         if reference:
             load_rows(reference, ["prompt"])
     check_twins(config.evaluation.benign, config.evaluation.harmful)
+    if config.training.launcher is not None:
+        from selfalign.pipeline.launcher import check_devices
+
+        check_devices(config.training.launcher)
     if config.tune_judge is not None:
         for template in config.tune_judge.templates:
             load_template(template)

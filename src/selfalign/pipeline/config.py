@@ -17,6 +17,7 @@ from selfalign.errors import SelfAlignError
 from selfalign.evaluation.run import EvaluateConfig
 from selfalign.judging.judge import JudgeConfig
 from selfalign.judging.tuning import TuneJudgeConfig
+from selfalign.pipeline.launcher import LauncherSettings
 from selfalign.preferences.config import PreferencesConfig
 from selfalign.shipped_configs import SHIPPED_CONFIGS
 from selfalign.training.config import PRESETS, TrainingConfig, build_training_config
@@ -36,6 +37,12 @@ class TrainingSection(StrictModel):
         description="TrainingConfig fields as written, e.g. {max_steps: 40, dpo: {beta: 0.2}}; the run config holds "
         "them typed as `RunConfig.training_config` (preset, these, then model: and seed), and the training stages' "
         "keys hash them as written, so a new TrainingConfig default reruns nothing.",
+    )
+    launcher: LauncherSettings | None = Field(
+        None,
+        description="Train SFT and DPO in a child `accelerate launch` with this accelerate config, e.g. {accelerate: "
+        "configs/accelerate/ddp.yaml, num_processes: 8}; null trains in the run's own process. The stage keys add "
+        "the process count when it is above 1 (it multiplies the effective batch), never the file.",
     )
 
 

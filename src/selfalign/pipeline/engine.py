@@ -3,8 +3,9 @@
 The pipeline only wires stages: each returns its outputs, which the engine hands to the stages that read them (a
 cached stage's are read back from its folder). Each stage's folder is named by a hash of what changes its output:
 its settings and the content hashes of its inputs. A rerun skips a stage whose folder is complete (`stage.json` is
-written last), reruns a stage whose folder was left unfinished (the stage itself resumes item by item), and a
-changed setting gives the stages it affects new folders while the others stay cached.
+written last), reruns a stage whose folder was left unfinished (a generation stage resumes from its last finished
+chunk, training from its last checkpoint, tune-judge starts again), and a changed setting gives the stages it affects
+new folders while the others stay cached.
 """
 
 from __future__ import annotations

@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 
 import yaml
 
-from selfalign.config import with_values
+from selfalign.config import StrictModel, with_values
 from selfalign.data.jsonl import read_jsonl, write_text_atomic
 from selfalign.evaluation.run import EvaluateConfig
 from selfalign.judging.tuning import TuneJudgeConfig
 from selfalign.pipeline.config import RunConfig, training_settings
 from selfalign.pipeline.engine import Stage
+from selfalign.pipeline.launcher import LauncherSettings
 from selfalign.pipeline.outputs import (
     ADAPTER,
     Evaluation,
@@ -59,6 +60,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
         judge_inputs = ["tune-judge"] if config.use_tuned_judge else []
 
     adapters: list[str] = []  # the training stages; each one's name is its variant's name in the evaluation
+    launcher = config.training.launcher
     previous_adapter_stage: str | None = None
     for round_number in range(1, config.rounds + 1):
         suffix = "" if round_number == 1 else f"-round{round_number}"
@@ -94,8 +96,8 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     "sft",
                     "sft",
                     ["preferences"],
-                    {"preset": config.training.preset, "training": _training_key(config, "sft"), "stage": "sft"},
-                    partial(run_sft, config.training_config),
+                    _training_stage_settings(config, "sft"),
+                    partial(run_sft, TrainingStageSettings(training=config.training_config, launcher=launcher)),
                     TrainedAdapter.from_folder,
                     count_training_tokens,
                     unhashed=CHECKPOINTS,
@@ -110,8 +112,8 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     name,
                     "dpo",
                     [f"preferences{suffix}", *([start_from] if start_from else [])],
-                    {"preset": config.training.preset, "training": _training_key(config, "dpo"), "stage": "dpo"},
-                    partial(run_dpo, config.training_config),
+                    _training_stage_settings(config, "dpo"),
+                    partial(run_dpo, TrainingStageSettings(training=config.training_config, launcher=launcher)),
                     TrainedAdapter.from_folder,
                     count_training_tokens,
                     unhashed=CHECKPOINTS,
@@ -152,6 +154,19 @@ def _training_key(config: RunConfig, kind: str) -> dict[str, Any]:
     return {key: value for key, value in training_settings(config).items() if key != other}
 
 
+def _training_stage_settings(config: RunConfig, kind: str) -> dict[str, Any]:
+    """What a training stage's key hashes: the preset, its training settings and, when training runs in several
+    processes, their number: data-parallel processes each take `batch_size` examples a step, so their number changes
+    the effective batch and the adapter. Where and how they run (the launcher, its accelerate file, DDP or FSDP) is
+    left out, like a server's address; one process, as a run without a launcher trains, adds nothing, so those keys
+    stay what they were."""
+    settings = {"preset": config.training.preset, "training": _training_key(config, kind), "stage": kind}
+    launcher = config.training.launcher
+    if launcher is not None and launcher.processes > 1:
+        settings["processes"] = launcher.processes
+    return settings
+
+
 def only_input(inputs: Inputs, kind: type[OutputsT]) -> OutputsT | None:
     """The one input of this type (a stage reads at most one judge, one dataset, one adapter to start from)."""
     found = [value for value in inputs.values() if isinstance(value, kind)]
@@ -184,29 +199,42 @@ def run_preferences(settings: PreferencesConfig, inputs: Inputs, out: Path) -> P
     return PreferenceDataset.from_folder(out)
 
 
-def run_sft(settings: TrainingConfig, inputs: Inputs, out: Path) -> TrainedAdapter:
-    from selfalign.training.sft import run_sft as train
+class TrainingStageSettings(StrictModel):
+    """What a training stage trains with, and where: in this process, or in the children `launcher` starts."""
 
-    return _train(train, settings, inputs, out)
+    training: TrainingConfig
+    launcher: LauncherSettings | None = None
 
 
-def run_dpo(settings: TrainingConfig, inputs: Inputs, out: Path) -> TrainedAdapter:
+def run_sft(settings: TrainingStageSettings, inputs: Inputs, out: Path) -> TrainedAdapter:
+    return _train("sft", settings, inputs, out)
+
+
+def run_dpo(settings: TrainingStageSettings, inputs: Inputs, out: Path) -> TrainedAdapter:
     """DPO from the base model, or from the adapter among its inputs (the SFT one, or the previous round's)."""
-    from selfalign.training.dpo import run_dpo as train
-
-    if (start_from := only_input(inputs, TrainedAdapter)) is not None:
-        settings = with_values(settings, dpo=with_values(settings.dpo, sft_adapter=str(start_from.adapter)))
-    return _train(train, settings, inputs, out)
+    return _train("dpo", settings, inputs, out)
 
 
-def _train(train: Any, training: TrainingConfig, inputs: Inputs, out: Path) -> TrainedAdapter:
+def _train(kind: str, settings: TrainingStageSettings, inputs: Inputs, out: Path) -> TrainedAdapter:
     dataset = only_input(inputs, PreferenceDataset)
     assert dataset is not None  # plan_stages gives every training stage its preferences stage
+    training = settings.training
     if dataset.eval is not None:
         training = with_values(training, eval_data=str(dataset.eval))
-    # a record of what this stage trained with, for `selfalign train --config` to repeat it; never read back
+    if (start_from := only_input(inputs, TrainedAdapter)) is not None:
+        training = with_values(training, dpo=with_values(training.dpo, sft_adapter=str(start_from.adapter)))
+    # what this stage trains with, for `selfalign train --config` to repeat it; a launched child trains from it
     write_text_atomic(out / "training.yaml", yaml.safe_dump(training.model_dump(mode="json"), sort_keys=False))
-    train(training, str(dataset.train), out / ADAPTER)
+    if settings.launcher is not None:
+        from selfalign.pipeline.launcher import launch_training
+
+        launch_training(settings.launcher, kind, out / "training.yaml", str(dataset.train), out / ADAPTER)
+    else:
+        if kind == "sft":
+            from selfalign.training.sft import run_sft as train
+        else:
+            from selfalign.training.dpo import run_dpo as train
+        train(training, str(dataset.train), out / ADAPTER)
     return TrainedAdapter.from_folder(out)
 
 
