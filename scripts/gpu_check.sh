@@ -8,8 +8,9 @@
 # --wheels DIR  install what is missing (selfalign's dependencies, TRL, bitsandbytes, vLLM, pytest) from a folder of
 #               wheels: pip install --no-index --find-links DIR, with the installed torch held fixed. Without it,
 #               nothing is installed. What cannot be installed is skipped, with pip's reason.
-# --only CHECKS comma-separated, among: install, qlora, vllm, reference-configs, multi-gpu, generation, training
-#               (default: all). On a machine without a GPU, `--only qlora,multi-gpu` runs to completion in seconds.
+# --only CHECKS comma-separated, among: install, qlora, multi-gpu, generation, training, vllm, reference-configs
+#               (default: all, in this order). Without a GPU, `--only install,multi-gpu` completes in seconds and
+#               `--only qlora` in about a minute, each skipping with its reason.
 # --model REF   the model of the benchmarks and the multi-GPU launch (default: the embedded model where its package
 #               is installed, else a tiny random model: no weights to fetch; its throughput shows the path works,
 #               not a speed to quote).
@@ -23,7 +24,7 @@
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-ALL_CHECKS="install,qlora,vllm,reference-configs,multi-gpu,generation,training"
+ALL_CHECKS="install,qlora,multi-gpu,generation,training,vllm,reference-configs"
 WHEELS="" ONLY="$ALL_CHECKS" MODEL="" OUT="" BUDGET=570 DRY_RUN=0
 PYTHON="${PYTHON:-python}"
 
@@ -41,7 +42,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 for check in ${ONLY//,/ }; do
-  case ",$ALL_CHECKS," in *",$check,"*) ;; *) echo "gpu_check.sh: unknown check '$check'; checks: $ALL_CHECKS" >&2; exit 2 ;; esac
+  case ",$ALL_CHECKS," in
+    *",$check,"*) ;;
+    *) echo "gpu_check.sh: unknown check '$check'; checks: $ALL_CHECKS" >&2; exit 2 ;;
+  esac
 done
 if [ -n "$WHEELS" ] && [ ! -d "$WHEELS" ]; then echo "gpu_check.sh: --wheels $WHEELS is not a folder" >&2; exit 2; fi
 OUT="${OUT:-$(mktemp -d /tmp/gpu-check.XXXXXX)}"
@@ -105,7 +109,7 @@ if wanted install; then
   fi
   for spec in "${MISSING[@]}"; do
     if [ -z "$WHEELS" ]; then
-      [ "$DRY_RUN" = 1 ] && printf '[install] %s is missing; with --wheels DIR: pip install --no-index --find-links DIR %s\n' "$spec" "$spec"
+      [ "$DRY_RUN" = 1 ] && printf '[install] %s is missing; --wheels DIR would install it\n' "$spec"
       record "install $spec" skipped "not installed, and no --wheels folder to install it from"
       continue
     fi
@@ -118,7 +122,8 @@ if wanted install; then
       record "install $spec" passed "installed from $WHEELS" $((SECONDS - begun))
     else
       reason=$(grep -E "ERROR|error:" "$OUT/install-${spec%%[<>=!~]*}.log" | tail -1)
-      record "install $spec" skipped "pip could not install it from $WHEELS: ${reason:-exit $status}" $((SECONDS - begun))
+      record "install $spec" skipped "pip could not install it from $WHEELS: ${reason:-exit $status}" \
+        $((SECONDS - begun))
     fi
   done
 fi
@@ -140,10 +145,6 @@ run_tests() {
 }
 
 wanted qlora && run_tests qlora 150 tests/training/test_qlora.py
-# the vLLM file's slow tests are its GPU ones (needs_gpu); the others are the CPU stand-in's, which CI runs
-wanted vllm && run_tests vllm 240 tests/backends/test_vllm_backend.py -m slow
-# the reference configs end to end on tiny models; 4-bit (QLoRA) where CUDA and bitsandbytes are here
-wanted reference-configs && run_tests reference-configs 240 tests/pipeline/test_reference_configs.py
 
 # ---- the model the benchmarks and the multi-GPU launch use ----------------------------------------------------
 MODEL_NOTE="$MODEL"
@@ -168,8 +169,10 @@ if wanted multi-gpu; then
     record multi-gpu skipped "TRL is not installed"
   elif prepare_model; then
     begun=$SECONDS
+    processes="$GPUS"
+    [ "$DRY_RUN" = 1 ] && [ "$GPUS" -lt 2 ] && processes="<GPU count>"
     run_step multi-gpu 180 "$PYTHON" -m accelerate.commands.launch --config_file configs/accelerate/ddp.yaml \
-      --num_processes "$([ "$DRY_RUN" = 1 ] && [ "$GPUS" -lt 2 ] && echo '<GPU count>' || echo "$GPUS")" -m selfalign train sft --data examples/preferences.jsonl --model "$MODEL" \
+      --num_processes "$processes" -m selfalign train sft --data examples/preferences.jsonl --model "$MODEL" \
       --preset cpu-small --out "$OUT/multi-gpu-sft" max_steps=4 progress_bar=false
     status=$?
     if [ $status -eq 125 ]; then
@@ -223,6 +226,12 @@ if wanted training; then
     record training failed "could not build the tiny model (log: $OUT/tiny-model.log)"
   fi
 fi
+
+# ---- the longer test selections last: what the budget cuts first ------------------------------------------------
+# the vLLM file's slow tests are its GPU ones (needs_gpu); the others are the CPU stand-in's, which CI runs
+wanted vllm && run_tests vllm 240 tests/backends/test_vllm_backend.py -m slow
+# the reference configs end to end on tiny models; 4-bit (QLoRA) where CUDA and bitsandbytes are here
+wanted reference-configs && run_tests reference-configs 240 tests/pipeline/test_reference_configs.py
 
 [ "$DRY_RUN" = 1 ] && exit 0
 

@@ -74,3 +74,22 @@ def test_a_pytest_selection_becomes_a_row_with_its_skip_reasons(tmp_path):
     status, details = table_rows(result.stdout)["qlora"]
     assert status == "skipped"
     assert details == "1 skipped<br>test_qlora_sft_then_dpo_on_a_4bit_base: QLoRA needs a CUDA GPU and bitsandbytes"
+
+
+def test_the_generation_benchmarks_baseline_batches_a_tokenizer_without_a_pad_token(tmp_path):
+    """The GPU check runs benchmarks/generation.py on any model: a transformers pipeline refuses to batch with
+    Mistral's tokenizer (no pad token) unless the baseline pads with EOS, as selfalign's own loading does."""
+    import importlib.util
+
+    from selfalign.backends.base import GenerationParams
+    from tests.tiny_model import build_tiny_mistral
+
+    spec = importlib.util.spec_from_file_location("generation_benchmark", ROOT / "benchmarks" / "generation.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    model = build_tiny_mistral(tmp_path / "tiny-mistral")
+    prompts = ["[INST] Tell me a joke [/INST]", "[INST] Write a short poem about the rain [/INST]"]
+    seconds, useful_tokens, _ = benchmark.run_baseline(
+        str(model), prompts, GenerationParams(max_new_tokens=4, stop=["\nQuestion:"])
+    )
+    assert seconds > 0 and useful_tokens > 0  # re-encoded answers: random bytes may take more tokens than made them

@@ -59,8 +59,11 @@ TINY_MIX = ["preferences.prompts.1.limit=4", "preferences.prompts.2.limit=4", "p
 
 @pytest.fixture(autouse=True)
 def _datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`datasets` writes an Arrow copy of every set it loads: keep the fixture's out of the user's cache."""
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    """`datasets` writes an Arrow copy of every set it loads: keep the fixture's in the test's folder (as
+    tests/data/test_loading.py does: the environment variable is read once, when `datasets` is imported)."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
 
 
 @pytest.fixture(scope="module")
