@@ -81,6 +81,8 @@ def run_baseline(model_ref: str, prompts: list[str], params: GenerationParams) -
     folder = local_folder_for(resolve_model_reference(model_ref))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # Mistral's and Llama's have none; a batching pipeline needs one
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder)  # default dtype, as the reference
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer, batch_size=8)
     started = time.perf_counter()

@@ -40,7 +40,7 @@ SETTING_ROOTS = {
     **dict.fromkeys(("sft", "dpo", "lora"), TrainingConfig),  # `selfalign train ... dpo.beta=0.2`
     **dict.fromkeys(("revision", "principles"), PreferencesConfig),
 }
-SETTING = re.compile(rf"(?<![\w./-])(?:{'|'.join(SETTING_ROOTS)})(?:\.[a-z_]+)+")
+SETTING = re.compile(rf"(?<![\w./-])(?:{'|'.join(SETTING_ROOTS)})(?:\.[a-z_][a-z0-9_]*)+")
 CHECKOUT_PATH = re.compile(r"(?<![\w./-])(?:src|selfalign|tests|benchmarks|scripts|examples|docs|\.ci)/[\w./-]*")
 FILE_SUFFIXES = {"yaml", "py", "md", "json", "jsonl", "gguf"}
 

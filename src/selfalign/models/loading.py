@@ -119,16 +119,25 @@ def load_model(
     return LoadedModel(loaded, tokenizer, reference, source)
 
 
-def four_bit_config(compute_dtype: Any) -> Any:
-    """NF4 with double quantization, as the reference experiment's QLoRA; only where CUDA and bitsandbytes exist."""
+def four_bit_unavailable() -> str | None:
+    """Why NF4 4-bit weights cannot load on this machine ("needs ..."), or None where they can: `selfalign run`
+    asks before its first stage, so a 4-bit config on a CPU machine stops at once, not when a stage loads the model."""
     import torch
 
     if not torch.cuda.is_available():
-        raise SelfAlignError("load_in_4bit needs a CUDA GPU (bitsandbytes NF4); none is available on this machine")
+        return "needs a CUDA GPU (bitsandbytes NF4); none is available on this machine"
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise SelfAlignError("load_in_4bit needs bitsandbytes: pip install 'selfalign[qlora]'") from None
+        return "needs bitsandbytes: pip install 'selfalign[qlora]'"
+    return None
+
+
+def four_bit_config(compute_dtype: Any) -> Any:
+    """NF4 with double quantization, as the reference experiment's QLoRA; only where CUDA and bitsandbytes exist."""
+    reason = four_bit_unavailable()
+    if reason is not None:
+        raise SelfAlignError(f"load_in_4bit {reason}")
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(

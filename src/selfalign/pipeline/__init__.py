@@ -12,14 +12,22 @@ from selfalign.pipeline.stages import copy_report, plan_stages
 
 
 def preflight(config: RunConfig) -> None:
-    """Fail on bad data references, templates and a launch this machine has no devices for, before any stage spends
-    time."""
+    """Fail on 4-bit weights this machine cannot load, bad data references and templates, and a launch this machine
+    has no devices for, before any stage spends time."""
     from selfalign.data.loading import load_rows
+    from selfalign.errors import SelfAlignError
     from selfalign.evaluation.run import check_twins
     from selfalign.judging.templates import load_template
+    from selfalign.models.loading import four_bit_unavailable
+    from selfalign.preferences.respond import load_prompt_rows
 
+    reason = four_bit_unavailable() if config.model.load_in_4bit else None
+    if reason is not None:
+        raise SelfAlignError(
+            f"model.load_in_4bit: true {reason}; model.load_in_4bit=false loads full-precision weights"
+        )
     for prompt_set in config.preferences.prompts:
-        load_rows(prompt_set.data, [prompt_set.prompt_column])
+        load_prompt_rows(prompt_set)
     for reference in (config.evaluation.harmful, config.evaluation.benign, config.evaluation.helpful):
         if reference:
             load_rows(reference, ["prompt"])

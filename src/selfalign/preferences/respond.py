@@ -54,7 +54,7 @@ def load_prompt_items(config: PreferencesConfig) -> list[dict[str, Any]]:
     """Every prompt of every set (each limited to a seeded sample, kept in file order) as a keyed item."""
     items: list[dict[str, Any]] = []
     for prompt_set in config.prompts:
-        rows = load_rows(prompt_set.data, ["prompt"], column_map={"prompt": prompt_set.prompt_column}).to_list()
+        rows = load_prompt_rows(prompt_set)
         if prompt_set.limit is not None and prompt_set.limit < len(rows):
             sampler = random.Random(f"{config.seed}/{prompt_set.name}")  # str seeds hash the same in every process
             rows = [rows[i] for i in sorted(sampler.sample(range(len(rows)), prompt_set.limit))]
@@ -64,6 +64,21 @@ def load_prompt_items(config: PreferencesConfig) -> list[dict[str, Any]]:
         duplicate = next(key for key in keys if keys.count(key) > 1)
         raise SelfAlignError(f"two prompts share the key '{duplicate}': a prompt set's id_column must be unique")
     return items
+
+
+def load_prompt_rows(prompt_set: PromptSet) -> list[dict[str, Any]]:
+    """A prompt set's rows, its prompt column read as `prompt`. An id_column the config names must exist: a
+    misspelt one would otherwise key the prompts by row number without a word (the reference configs once named
+    `index`, which HuggingFaceH4/cai-conversation-harmless does not have)."""
+    rows = load_rows(prompt_set.data, ["prompt"], column_map={"prompt": prompt_set.prompt_column}).to_list()
+    named = "id_column" in prompt_set.model_fields_set
+    if named and not any(prompt_set.id_column in row for row in rows):
+        present = ", ".join(sorted({key for row in rows for key in row}))
+        raise SelfAlignError(
+            f"{prompt_set.data}: no column '{prompt_set.id_column}' (the prompt set's id_column); columns present: "
+            f"{present}"
+        )
+    return rows
 
 
 def _item(prompt_set: PromptSet, row: dict[str, Any], number: int) -> dict[str, Any]:
