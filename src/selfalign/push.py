@@ -23,7 +23,7 @@ from selfalign.models.references import EMBEDDED_ORIGINS, resolve_model_referenc
 from selfalign.reporting.model_card import AdapterRecords, model_card, public_name
 
 TRAINING_KINDS = ("sft", "dpo")  # stage kinds whose output folder holds an adapter (pipeline.stages)
-ADAPTER = "training"  # the adapter's folder inside a training stage's folder (pipeline.stages.adapter_folder)
+ADAPTER = "training"  # the adapter's folder inside a training stage's folder (pipeline.outputs.ADAPTER)
 # What a user of the adapter needs; metrics.json, config.yaml and checkpoints name local paths or are bulky.
 UPLOADED_FILES = (
     "adapter_model.safetensors",

@@ -20,6 +20,7 @@ def make_stages(log, settings=None, fail=None):
                 raise KeyboardInterrupt
             upstream = "".join((path / "out.txt").read_text() for path in inputs.values())
             (folder / "out.txt").write_text(f"{name}({upstream}){settings.get(name, '')}")
+            return folder  # a Stage's outputs are its folder unless it says otherwise (Stage.read)
 
         return run
 
@@ -46,7 +47,7 @@ def test_a_stage_that_reruns_with_the_same_output_keeps_downstream_cached(tmp_pa
     log.clear()
     stages = make_stages(log)
     stages[1].settings = {"retries": 3}  # a setting that changes nothing in b's output
-    stages[1].body = make_stages(log)[1].body
+    stages[1].run = make_stages(log)[1].run
     run_stages(stages, tmp_path)
     assert log == ["b"]
 
@@ -106,9 +107,11 @@ def stages_that_use_memory(megabytes, tokens):
         held = b"x" * (megabytes * 1_000_000)  # written, so resident
         time.sleep(0.35)  # several sampler ticks, in case the process peaked higher before
         (folder / "out.txt").write_text(f"a{len(held) > 0}")
+        return folder
 
     def b_body(inputs, folder):
         (folder / "out.txt").write_text("b" + (inputs["a"] / "out.txt").read_text())
+        return folder
 
     return [
         Stage("a", "a", [], {}, a_body, count_tokens=lambda folder: {"generated": tokens}),
@@ -140,3 +143,25 @@ def test_peak_memory_is_measured_where_the_block_raises():
     with pytest.raises(KeyboardInterrupt), measure_peak_memory() as memory:
         raise KeyboardInterrupt
     assert memory.record["peak_rss_kb"] > 0
+
+
+def test_a_cached_stage_hands_the_next_one_its_outputs_read_from_its_folder(tmp_path):
+    received = []
+
+    def a_run(inputs, folder):
+        (folder / "n.txt").write_text("7")
+        return 7
+
+    def b_run(inputs, folder):
+        received.append(inputs["a"])
+        (folder / "out.txt").write_text(str(inputs["a"] * 2))
+        return folder
+
+    def stages(b_settings):
+        read_a = lambda folder: int((folder / "n.txt").read_text())  # noqa: E731
+        return [Stage("a", "a", [], {}, a_run, read_a), Stage("b", "b", ["a"], b_settings, b_run)]
+
+    _, first = run_stages(stages({}), tmp_path)
+    _, second = run_stages(stages({"x": 1}), tmp_path)  # a is cached, b reruns
+    assert received == [7, 7] and first.outputs["a"] == second.outputs["a"] == 7
+    assert second.folders["a"] == first.folders["a"] and (second.outputs["b"] / "out.txt").read_text() == "14"

@@ -18,7 +18,9 @@ from selfalign.pipeline import launcher as launcher_module
 from selfalign.pipeline import run_pipeline
 from selfalign.pipeline import stages as stages_module
 from selfalign.pipeline.config import load_run_config
+from selfalign.pipeline.outputs import TrainedAdapter
 from selfalign.shipped_configs import SHIPPED_CONFIGS
+from tests.pipeline.stand_ins import replace_stages, stand_in
 
 CPU_2PROC = "configs/accelerate/cpu-2proc.yaml"
 
@@ -34,39 +36,18 @@ LAUNCH_CPU = launch_with(CPU_2PROC)
 
 @pytest.fixture
 def ran(monkeypatch):
-    """Stand-in bodies for every stage but training, which keeps its real body unless a test replaces it."""
+    """Stand-ins for every stage but training, which keeps its real stage function unless a test replaces it."""
     calls = []
-
-    def recorder(name):
-        def body(inputs, folder):
-            calls.append(name)
-            (folder / "out.json").write_text(json.dumps({"inputs": sorted(inputs)}))
-            if name == "preferences":
-                (folder / "dataset").mkdir()
-                (folder / "dataset" / "train.jsonl").write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n')
-
-        return body
-
-    monkeypatch.setattr(stages_module, "_tune_judge_body", lambda tune: recorder("tune-judge"))
-    monkeypatch.setattr(stages_module, "_preferences_body", lambda config, prefs, stage: recorder("preferences"))
-    monkeypatch.setattr(stages_module, "_evaluate_body", lambda config, ev, adapters: recorder("evaluate"))
-    monkeypatch.setattr(stages_module, "_report_body", lambda names: recorder("report"))
+    replace_stages(monkeypatch, calls, keep=("run_sft", "run_dpo"))
     monkeypatch.setattr(launcher_module, "available_cores", lambda: 2)  # what cpu-2proc asks for, on any machine
     return calls
 
 
 @pytest.fixture
 def trained(ran, monkeypatch):
-    """Training bodies that record their kind and write an adapter folder, instead of training."""
-
-    def body(config, kind, data, start):
-        def run(inputs, folder):
-            ran.append(kind)
-            (folder / stages_module.ADAPTER).mkdir()
-
-        return run
-
-    monkeypatch.setattr(stages_module, "_training_body", body)
+    """Training stages that record their kind and write an adapter folder, instead of training."""
+    for function in ("run_sft", "run_dpo"):
+        monkeypatch.setattr(stages_module, function, stand_in(TrainedAdapter, ran))
     return ran
 
 

@@ -8,24 +8,25 @@ import pytest
 from selfalign.pipeline import run_pipeline
 from selfalign.pipeline import stages as stages_module
 from selfalign.pipeline.config import load_run_config
+from selfalign.pipeline.outputs import TrainedAdapter
 from tests.backends.http_helpers import BackgroundLoop, FakeOpenAIServer
 from tests.backends.vllm_runtime_lora import BASE_MODEL, VLLMRuntimeLoRA, write_adapter
+from tests.pipeline.stand_ins import replace_stages
 
 
 @pytest.fixture
 def trained(monkeypatch):
     """Every stage but evaluate replaced; sft and dpo write adapters that differ in their weights."""
+    replace_stages(monkeypatch, [], keep=("run_evaluation",))
 
-    def noop(*args):
-        return lambda inputs, folder: None
+    def training(settings, inputs, out):
+        method = out.parent.name  # run/<sft|dpo>/<name>-<key>
+        write_adapter(out / stages_module.ADAPTER, weights=method.encode())
+        (out / stages_module.ADAPTER / "metrics.json").write_text(json.dumps({"stage": method}))
+        return TrainedAdapter.from_folder(out)
 
-    def training(config, kind, data, start):
-        return lambda inputs, folder: write_adapter(folder / stages_module.ADAPTER, weights=kind.encode())
-
-    monkeypatch.setattr(stages_module, "_tune_judge_body", noop)
-    monkeypatch.setattr(stages_module, "_preferences_body", noop)
-    monkeypatch.setattr(stages_module, "_training_body", training)
-    monkeypatch.setattr(stages_module, "_report_body", noop)
+    monkeypatch.setattr(stages_module, "run_sft", training)
+    monkeypatch.setattr(stages_module, "run_dpo", training)
 
 
 def test_the_evaluate_stage_serves_each_trained_adapter_through_the_server(tmp_path, trained):

@@ -11,32 +11,14 @@ from selfalign.errors import SelfAlignError
 from selfalign.pipeline import run_pipeline
 from selfalign.pipeline import stages as stages_module
 from selfalign.pipeline.config import load_run_config
+from tests.pipeline.stand_ins import replace_stages
 
 
 @pytest.fixture
 def ran(monkeypatch):
-    """Replace each stage body by one that records its run and writes an output that depends on its settings."""
+    """Replace each stage by a stand-in that records its run and writes outputs that follow its settings."""
     calls = []
-
-    def recorder(kind, content):
-        def body(inputs, folder):
-            calls.append(folder.name.rsplit("-", 1)[0])
-            (folder / "out.json").write_text(json.dumps({"content": content, "inputs": sorted(inputs)}, default=str))
-            if kind in ("sft", "dpo"):
-                (folder / stages_module.ADAPTER).mkdir()
-
-        return body
-
-    monkeypatch.setattr(stages_module, "_tune_judge_body", lambda tune: recorder("tune", tune.model_dump(mode="json")))
-    monkeypatch.setattr(stages_module, "_preferences_body", lambda config, prefs, stage: recorder("prefs", prefs.seed))
-    monkeypatch.setattr(
-        stages_module, "_training_body",
-        lambda config, kind, data, start: recorder(kind, [config.training.settings, kind, start]),
-    )  # fmt: skip
-    monkeypatch.setattr(
-        stages_module, "_evaluate_body", lambda config, ev, adapters: recorder("eval", sorted(adapters))
-    )
-    monkeypatch.setattr(stages_module, "_report_body", lambda names: recorder("report", names))
+    replace_stages(monkeypatch, calls)
     return calls
 
 
@@ -185,13 +167,10 @@ def test_the_run_command_prints_peak_memory_per_stage(tmp_path, ran, monkeypatch
 
 
 def test_a_failed_stage_is_recorded_in_run_json_and_what_finished_stays_cached(tmp_path, ran, monkeypatch):
-    def failing_body(config, preferences, stage):
-        def body(inputs, folder):
-            raise SelfAlignError("preferences: 0 of 8 red-team answers judged harmful by one-shot/logprob; no pairs")
+    def failing_preferences(settings, inputs, out):
+        raise SelfAlignError("preferences: 0 of 8 red-team answers judged harmful by one-shot/logprob; no pairs")
 
-        return body
-
-    monkeypatch.setattr(stages_module, "_preferences_body", failing_body)
+    monkeypatch.setattr(stages_module, "run_preferences", failing_preferences)
     with pytest.raises(SelfAlignError, match="0 of 8 red-team answers"):
         run_pipeline(demo(tmp_path))
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())

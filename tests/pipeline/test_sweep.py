@@ -10,67 +10,55 @@ import pytest
 
 from selfalign.errors import SelfAlignError
 from selfalign.pipeline import stages as stages_module
-from selfalign.pipeline.config import training_settings
+from selfalign.pipeline.outputs import PreferenceDataset, TrainedAdapter
 from selfalign.pipeline.sweep import expand_points, load_sweep, override_text, plan_sweep, run_sweep
 from selfalign.statistics import count_rate
 from tests.cli_runner import run_cli
+from tests.pipeline.stand_ins import given, replace_stages, stand_in
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 N = 40  # prompts per evaluation set in the stand-in metrics
 
 
-def stand_in_counts(config, variant: str) -> tuple[int, int]:
+def stand_in_counts(adapter, variant: str) -> tuple[int, int]:
     """(red-team prompts refused, benign-sensitive prompts refused) of N: DPO refuses more with a higher learning
-    rate and a later seed, and over-refuses less with more helpful pairs."""
+    rate and a later seed, and over-refuses less with more helpful pairs. `adapter`: the variant's stand-in
+    TrainedAdapter, whose metrics hold the training settings and the dataset's preferences settings."""
     if variant == "base":
         return 4, 2
     if variant == "sft":
         return 10, 8
-    learning_rate = float(config.training.settings.get("dpo", {}).get("learning_rate", 5e-5))
-    return 10 + round(learning_rate * 2e5) + config.seed, round((1 - config.preferences.helpful_mix) * 20)
+    training, preferences = adapter.metrics["settings"]["training"], adapter.metrics["data"]["settings"]
+    refused = 10 + round(training["dpo"]["learning_rate"] * 2e5) + training["seed"]
+    return refused, round((1 - preferences["helpful_mix"]) * 20)
+
+
+def trained_on(settings, inputs):
+    """A stand-in adapter's metrics: its training settings and what its dataset was made with."""
+    dataset = next(value for value in inputs.values() if isinstance(value, PreferenceDataset))
+    return {**given(settings, inputs), "data": dataset.funnel}
+
+
+def evaluated(settings, inputs):
+    """A stand-in evaluation's metrics.json, in evaluation/metrics.py's format."""
+    models = {}
+    for variant in ["base", *(name for name, value in inputs.items() if isinstance(value, TrainedAdapter))]:
+        refused, over = stand_in_counts(inputs.get(variant), variant)
+        models[variant] = {
+            "refused_harmful_detector": count_rate(refused, N), "over_refusal_detector": count_rate(over, N),
+            "harmless": count_rate(refused + 2, N), "capability": {"acc_norm": count_rate(70, 100)},
+            "answer_quality": {"loops": count_rate(1, N)},
+        }  # fmt: skip
+    return {"variants": list(models), "models": models, **given(settings, inputs)}
 
 
 @pytest.fixture
 def ran(monkeypatch):
-    """Each stage body records its run; evaluation writes metrics.json in evaluation/metrics.py's format."""
+    """Each stage is a stand-in that records its run; evaluation writes metrics.json in evaluation/metrics.py's
+    format, following the run's settings."""
     calls = []
-
-    def recorder(kind, content, write=None):
-        def body(inputs, folder):
-            calls.append(folder.name.rsplit("-", 1)[0])
-            (folder / "out.json").write_text(json.dumps({"content": content, "inputs": sorted(inputs)}, default=str))
-            if kind in ("sft", "dpo"):
-                (folder / stages_module.ADAPTER).mkdir()
-            if write is not None:
-                write(folder)
-
-        return body
-
-    def evaluate_body(config, evaluation, adapters):
-        def write(folder):
-            models = {}
-            for variant in ["base", *adapters]:
-                refused, over = stand_in_counts(config, variant)
-                models[variant] = {
-                    "refused_harmful_detector": count_rate(refused, N), "over_refusal_detector": count_rate(over, N),
-                    "harmless": count_rate(refused + 2, N), "capability": {"acc_norm": count_rate(70, 100)},
-                    "answer_quality": {"loops": count_rate(1, N)},
-                }  # fmt: skip
-            metrics = {"variants": list(models), "models": models}
-            (folder / "metrics.json").write_text(json.dumps(metrics))
-
-        return recorder("eval", [evaluation.model_dump(mode="json"), sorted(adapters)], write)
-
-    monkeypatch.setattr(stages_module, "_tune_judge_body", lambda tune: recorder("tune", tune.model_dump(mode="json")))
-    monkeypatch.setattr(stages_module, "_preferences_body", lambda config, prefs, stage: recorder("prefs", prefs.seed))
-    monkeypatch.setattr(
-        stages_module, "_training_body",
-        # the seed reaches the output, as it reaches a real adapter's weights (outputs are content-addressed)
-        lambda config, kind, data, start: recorder(kind, [config.training.settings, config.seed, kind, start]),
-    )  # fmt: skip
-    monkeypatch.setattr(stages_module, "_evaluate_body", evaluate_body)
-    monkeypatch.setattr(stages_module, "_report_body", lambda names: recorder("report", names))
+    replace_stages(monkeypatch, calls, run_sft=trained_on, run_dpo=trained_on, run_evaluation=evaluated)
     return calls
 
 
@@ -178,25 +166,20 @@ def test_a_sweep_of_seeds_alone_runs_the_base_config_once_per_seed_and_summarize
 
 
 def test_a_stopped_sweep_reruns_nothing_that_finished(tmp_path, ran, monkeypatch):
-    real_training_body = stages_module._training_body
+    dpo_stand_in = stages_module.run_dpo
 
-    def training_body_failing_at_the_higher_rate(config, kind, data, start):
-        body = real_training_body(config, kind, data, start)
-
-        def failing(inputs, folder):
-            if kind == "dpo" and config.training.settings["dpo"]["learning_rate"] == 1e-4:
-                raise SelfAlignError("dpo: stopped")
-            body(inputs, folder)
-
-        return failing
+    def dpo_failing_at_the_higher_rate(settings, inputs, out):
+        if settings.training.dpo.learning_rate == 1e-4:
+            raise SelfAlignError("dpo: stopped")
+        return dpo_stand_in(settings, inputs, out)
 
     path = sweep_file(tmp_path, LEARNING_RATES)
-    monkeypatch.setattr(stages_module, "_training_body", training_body_failing_at_the_higher_rate)
+    monkeypatch.setattr(stages_module, "run_dpo", dpo_failing_at_the_higher_rate)
     stopped = run_sweep(load_sweep(path))
     assert stopped.failed == ["p2-seed0"]
     assert json.loads((stopped.folder / "sweep.json").read_text())["failed"] == [
         {"run": "p2-seed0", "error": "dpo: stopped"}]  # fmt: skip
-    monkeypatch.setattr(stages_module, "_training_body", real_training_body)
+    monkeypatch.setattr(stages_module, "run_dpo", dpo_stand_in)
     ran.clear()
     resumed = run_sweep(load_sweep(path))
     assert ran == ["dpo", "evaluate", "report"] and resumed.failed == []  # only what p2 had left
@@ -335,14 +318,8 @@ def test_a_sweep_of_the_real_stages_on_the_scripted_model_evaluates_on_dev(tmp_p
     to train, and answers the same with any adapter)."""
     import yaml
 
-    def training_stand_in(config, kind, data, start):
-        def body(inputs, folder):
-            (folder / stages_module.ADAPTER).mkdir()
-            (folder / "settings.json").write_text(json.dumps(training_settings(config)))
-
-        return body
-
-    monkeypatch.setattr(stages_module, "_training_body", training_stand_in)
+    for function in ("run_sft", "run_dpo"):  # an adapter folder whose metrics.json holds the training settings
+        monkeypatch.setattr(stages_module, function, stand_in(TrainedAdapter, []))
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump(SCRIPTED_BASE))
     path = tmp_path / "sweep.yaml"

@@ -155,19 +155,15 @@ def test_no_secret_reaches_a_log_manifest_report_or_dataset_card(tmp_path, monke
     checked for these canaries in tests/training/test_sft.py)."""
     from selfalign.pipeline import run_pipeline as run_everything
     from selfalign.pipeline import stages as stages_module
-    from selfalign.pipeline.config import load_run_config, training_settings
+    from selfalign.pipeline.config import load_run_config
+    from selfalign.pipeline.outputs import TrainedAdapter
+    from tests.pipeline.stand_ins import stand_in
 
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
 
-    def training_stand_in(config, kind, data, start):
-        def body(inputs, folder):
-            (folder / "training").mkdir()
-            (folder / "training.json").write_text(json.dumps(training_settings(config)))
-
-        return body
-
-    monkeypatch.setattr(stages_module, "_training_body", training_stand_in)
+    for function in ("run_sft", "run_dpo"):  # an adapter folder whose metrics.json holds the training settings
+        monkeypatch.setattr(stages_module, function, stand_in(TrainedAdapter, []))
     monkeypatch.setattr("selfalign.evaluation.run.evaluate", _evaluate_base_only(monkeypatch))
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "run"

@@ -1,10 +1,11 @@
 """`selfalign run`: tune-judge -> preferences (respond, judge, revise, build) -> SFT -> DPO -> evaluate -> report.
 
-The pipeline only wires stages. Each stage's folder is named by a hash of what changes its output: its settings
-and the content hashes of its inputs. A rerun skips a stage whose folder is complete (`stage.json` is written
-last), reruns a stage whose folder was left unfinished (a generation stage resumes from its last finished chunk,
-training from its last checkpoint, tune-judge starts again), and a changed setting gives the stages it affects new
-folders while the others stay cached.
+The pipeline only wires stages: each returns its outputs, which the engine hands to the stages that read them (a
+cached stage's are read back from its folder). Each stage's folder is named by a hash of what changes its output:
+its settings and the content hashes of its inputs. A rerun skips a stage whose folder is complete (`stage.json` is
+written last), reruns a stage whose folder was left unfinished (a generation stage resumes from its last finished
+chunk, training from its last checkpoint, tune-judge starts again), and a changed setting gives the stages it affects
+new folders while the others stay cached.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from selfalign.data.jsonl import is_atomic_write_leftover, write_text_atomic
 from selfalign.errors import SelfAlignError
 from selfalign.pipeline.config import RunConfig
 from selfalign.pipeline.memory import lifetime_peak_kb, measure_peak_memory, release_free_memory
+from selfalign.stage_settings import settings_key
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,10 @@ class Stage:
     kind: str  # one of STAGE_ORDER, for --from/--only
     inputs: list[str]  # names of the stages whose outputs it reads
     settings: dict[str, Any]  # everything else that changes its output
-    body: Callable[[dict[str, Path], Path], None]  # (input folders, own folder) -> writes into own folder
+    # (its inputs' outputs by stage name, its own folder) -> its outputs, written into its own folder
+    run: Callable[[dict[str, Any], Path], Any]
+    # its finished folder -> the outputs `run` returned, for the stages after a cached one; by default the folder
+    read: Callable[[Path], Any] = Path
     # own folder -> tokens it generated or trained on, read from the files the body wrote (not part of the key)
     count_tokens: Callable[[Path], dict[str, Any]] | None = None
     # its working files, not outputs (fnmatch patterns of paths in its folder): left out of its output hash
@@ -56,7 +61,8 @@ class PlannedStage:
 
 @dataclass
 class RunState:
-    outputs: dict[str, Path] = field(default_factory=dict)
+    folders: dict[str, Path] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)  # what each stage returned, or read from its folder
     hashes: dict[str, str] = field(default_factory=dict)
     records: dict[str, dict] = field(default_factory=dict)
     plan: list[PlannedStage] = field(default_factory=list)  # as far as the run got
@@ -82,10 +88,7 @@ def folder_hash(folder: Path, unhashed: tuple[str, ...] = ()) -> str:
 
 
 def stage_key(stage: Stage, input_hashes: dict[str, str]) -> str:
-    text = json.dumps(
-        {"stage": stage.kind, "settings": stage.settings, "inputs": input_hashes}, sort_keys=True, default=str
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return settings_key({"stage": stage.kind, "settings": stage.settings, "inputs": input_hashes})
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -130,12 +133,13 @@ def run_stages(
             if will_run and not blocked:
                 planned_to_run.add(stage.name)
             if marker is not None and not missing:
-                state.hashes[stage.name], state.outputs[stage.name] = marker["output_hash"], folder
+                state.hashes[stage.name], state.folders[stage.name] = marker["output_hash"], folder
             continue
         plan.append(PlannedStage(stage, key, folder, cached, will_run))
         if not will_run:
             if marker is not None:
-                state.outputs[stage.name], state.hashes[stage.name] = folder, marker["output_hash"]
+                state.folders[stage.name], state.hashes[stage.name] = folder, marker["output_hash"]
+                state.outputs[stage.name] = stage.read(folder)
                 state.records[stage.name] = marker
                 logger.info("stage %s: cached (%s)", stage.name, folder)
             continue
@@ -143,23 +147,26 @@ def run_stages(
             hint = "; run without --only first" if only else ""
             raise SelfAlignError(f"stage {stage.name} needs {', '.join(missing)}, which has not run{hint}")
         try:
-            state.records[stage.name] = execute(
+            state.outputs[stage.name], state.records[stage.name] = execute(
                 stage, folder, key, {n: state.outputs[n] for n in stage.inputs}, input_hashes
             )
         except BaseException:
             state.failed = stage.name
             raise
-        state.outputs[stage.name], state.hashes[stage.name] = folder, state.records[stage.name]["output_hash"]
+        state.folders[stage.name], state.hashes[stage.name] = folder, state.records[stage.name]["output_hash"]
     return plan, state
 
 
-def execute(stage: Stage, folder: Path, key: str, inputs: dict[str, Path], input_hashes: dict[str, str]) -> dict:
+def execute(
+    stage: Stage, folder: Path, key: str, inputs: dict[str, Any], input_hashes: dict[str, str]
+) -> tuple[Any, dict]:
+    """Run one stage into its folder; returns its outputs and its record (stage.json, written last)."""
     logger.info("stage %s: running into %s", stage.name, folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MARKER).unlink(missing_ok=True)  # a forced rerun must not look finished if it is killed
     started = time.perf_counter()
     with measure_peak_memory() as memory:
-        stage.body(inputs, folder)
+        outputs = stage.run(inputs, folder)
     release_free_memory()  # the next stage starts from what this one kept, not from what it once held
     seconds = time.perf_counter() - started
     # Memory and tokens describe this execution, like `seconds`: they live in stage.json only, which neither the
@@ -177,7 +184,7 @@ def execute(stage: Stage, folder: Path, key: str, inputs: dict[str, Path], input
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_text_atomic(folder / MARKER, json.dumps(record, indent=2, default=str) + "\n")
-    return record
+    return outputs, record
 
 
 def print_plan(plan: list[PlannedStage]) -> str:
@@ -242,7 +249,7 @@ def build_manifest(
             }
             for item in plan
         },
-        "outputs": {name: str(path) for name, path in state.outputs.items()},
+        "outputs": {name: str(path) for name, path in state.folders.items()},
     }
 
 

@@ -1,24 +1,47 @@
-"""The stages of `selfalign run`, built from a RunConfig. Each body calls one library entry point."""
+"""The stages of `selfalign run`, built from a RunConfig.
+
+Each stage is a function `run(settings, inputs, out) -> outputs`: its typed settings, the typed outputs of the stages
+it reads (pipeline/outputs.py, by stage name), and its own folder. It calls one library entry point and returns what
+it hands on; `plan_stages` wires them and says what each stage's cache key covers.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from selfalign.config import with_values
+from selfalign.config import StrictModel, with_values
 from selfalign.data.jsonl import read_jsonl, write_text_atomic
+from selfalign.evaluation.run import EvaluateConfig
+from selfalign.judging.tuning import TuneJudgeConfig
 from selfalign.pipeline.config import RunConfig, training_settings
 from selfalign.pipeline.engine import Stage
+from selfalign.pipeline.launcher import LauncherSettings
+from selfalign.pipeline.outputs import (
+    ADAPTER,
+    Evaluation,
+    PreferenceDataset,
+    RunReport,
+    StageOutputs,
+    TrainedAdapter,
+    TunedJudge,
+)
+from selfalign.preferences.config import PreferencesConfig
+from selfalign.preferences.pipeline import WORKING_FILES as PREFERENCES_WORKING_FILES
+from selfalign.training.config import TrainingConfig
 
-ADAPTER = "training"  # a training stage's adapter, tokenizer, metrics and checkpoints, under its folder
 # Stage settings are dumped for cache keys with this context: model options that cannot change an output (servers,
 # concurrency, retries) are left out, so adding a server reruns nothing.
 CACHE_KEY = {"cache_key": True}
 CHECKPOINTS = ("*checkpoint-*",)  # what training writes to resume from: not part of a stage's output
+
+Inputs = dict[str, StageOutputs]  # the outputs of the stages a stage reads, by stage name
+OutputsT = TypeVar("OutputsT", TunedJudge, PreferenceDataset, TrainedAdapter, Evaluation, RunReport)
 
 
 def plan_stages(config: RunConfig) -> list[Stage]:
@@ -30,18 +53,23 @@ def plan_stages(config: RunConfig) -> list[Stage]:
         # tune-judge generates nothing worth counting: its judges read log-probabilities of fixed answers
         stages.append(
             Stage(
-                "tune-judge", "tune-judge", [], tune.model_dump(mode="json", context=CACHE_KEY), _tune_judge_body(tune),
-                unhashed=CHECKPOINTS,
+                "tune-judge", "tune-judge", [], tune.model_dump(mode="json", context=CACHE_KEY),
+                partial(run_tune_judge, tune), TunedJudge.from_folder, unhashed=CHECKPOINTS,
             )
-        )
+        )  # fmt: skip
         judge_inputs = ["tune-judge"] if config.use_tuned_judge else []
 
-    adapters: dict[str, str] = {}  # variant name -> stage name
+    adapters: list[str] = []  # the training stages; each one's name is its variant's name in the evaluation
+    launcher = config.training.launcher
     previous_adapter_stage: str | None = None
     for round_number in range(1, config.rounds + 1):
         suffix = "" if round_number == 1 else f"-round{round_number}"
         policy_inputs = [previous_adapter_stage] if previous_adapter_stage else []
-        preferences = with_values(config.preferences, seed=config.seed + round_number - 1)
+        # the policy and judge as configured; tune-judge's judge and the previous round's adapter replace them when
+        # the stage runs (run_preferences), which is why the key covers the judge only where tune-judge does not
+        preferences = with_values(
+            config.preferences, seed=config.seed + round_number - 1, policy=config.model, judge=config.judge
+        )
         settings = {
             "preferences": preferences.model_dump(
                 mode="json", context=CACHE_KEY, exclude={"judge", "policy", "out_dir"}
@@ -55,10 +83,10 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                 "preferences",
                 judge_inputs + policy_inputs,
                 settings,
-                _preferences_body(config, preferences, previous_adapter_stage),
+                partial(run_preferences, preferences),
+                PreferenceDataset.from_folder,
                 count_preference_tokens,
-                # the sub-stages' resumable files (preferences.stage_files) and its record of timings
-                unhashed=("stages/*", "*/stages/*", "preferences.json"),
+                unhashed=PREFERENCES_WORKING_FILES,
             )
         )
 
@@ -69,33 +97,34 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     "sft",
                     ["preferences"],
                     _training_stage_settings(config, "sft"),
-                    _training_body(config, "sft", "preferences", None),
+                    partial(run_sft, TrainingStageSettings(training=config.training_config, launcher=launcher)),
+                    TrainedAdapter.from_folder,
                     count_training_tokens,
                     unhashed=CHECKPOINTS,
                 )
             )
-            adapters["sft"] = "sft"
+            adapters.append("sft")
         if config.training.dpo:
             start_from = previous_adapter_stage or ("sft" if config.training.dpo_from_sft else None)
             name = f"dpo{suffix}"
-            inputs = [f"preferences{suffix}", *([start_from] if start_from else [])]
             stages.append(
                 Stage(
                     name,
                     "dpo",
-                    inputs,
+                    [f"preferences{suffix}", *([start_from] if start_from else [])],
                     _training_stage_settings(config, "dpo"),
-                    _training_body(config, "dpo", f"preferences{suffix}", start_from),
+                    partial(run_dpo, TrainingStageSettings(training=config.training_config, launcher=launcher)),
+                    TrainedAdapter.from_folder,
                     count_training_tokens,
                     unhashed=CHECKPOINTS,
                 )
             )
-            adapters[name] = name
+            adapters.append(name)
             previous_adapter_stage = name
         elif round_number < config.rounds:
             previous_adapter_stage = "sft"
 
-    evaluation = with_values(config.evaluation, model=config.model)
+    evaluation = with_values(config.evaluation, model=config.model, judge=config.judge)
     settings = {
         "evaluation": evaluation.model_dump(mode="json", context=CACHE_KEY, exclude={"adapters", "judge"}),
         "judge": None if judge_inputs else config.judge.model_dump(mode="json", context=CACHE_KEY),
@@ -104,56 +133,16 @@ def plan_stages(config: RunConfig) -> list[Stage]:
         Stage(
             "evaluate",
             "evaluate",
-            judge_inputs + list(adapters.values()),
+            judge_inputs + adapters,
             settings,
-            _evaluate_body(config, evaluation, adapters),
+            partial(run_evaluation, evaluation),
+            Evaluation.from_folder,
             count_evaluation_tokens,
         )
     )
     report_inputs = [s.name for s in stages]
-    stages.append(Stage("report", "report", report_inputs, {}, _report_body(report_inputs)))
+    stages.append(Stage("report", "report", report_inputs, {}, partial(run_report, None), RunReport.from_folder))
     return stages
-
-
-# ---- bodies ---------------------------------------------------------------------------------------------------
-
-
-def _tune_judge_body(tune: Any):
-    def body(inputs: dict[str, Path], folder: Path) -> None:
-        from selfalign.judging.tuning import tune_judge
-
-        tune_judge(tune, folder)
-
-    return body
-
-
-def judge_for(config: RunConfig, inputs: dict[str, Path]) -> Any:
-    """tune-judge's chosen judge where it ran, else the configured one; it judges with the run's model."""
-    from selfalign.judging.judge import load_judge_file
-
-    if "tune-judge" in inputs:
-        return load_judge_file(inputs["tune-judge"] / "judge.yaml")
-    return config.judge
-
-
-def adapter_folder(stage_folder: Path) -> Path:
-    """A training stage's output: the PEFT adapter in its `training/` folder (training.common.save_outputs)."""
-    return stage_folder / ADAPTER
-
-
-def _preferences_body(config: RunConfig, preferences: Any, policy_adapter_stage: str | None):
-    def body(inputs: dict[str, Path], folder: Path) -> None:
-        from selfalign.preferences.pipeline import run_preferences
-
-        policy = config.model
-        if policy_adapter_stage is not None:
-            policy = with_values(policy, adapter=str(adapter_folder(inputs[policy_adapter_stage])))
-        update: dict[str, Any] = {"policy": policy, "judge": judge_for(config, inputs), "out_dir": str(folder)}
-        if "tune-judge" in inputs:
-            update["judge_results"] = str(inputs["tune-judge"] / "results.json")
-        run_preferences(with_values(preferences, **update), folder)
-
-    return body
 
 
 def _training_key(config: RunConfig, kind: str) -> dict[str, Any]:
@@ -178,50 +167,94 @@ def _training_stage_settings(config: RunConfig, kind: str) -> dict[str, Any]:
     return settings
 
 
-def _training_body(config: RunConfig, kind: str, data_stage: str, start_from: str | None):
-    def body(inputs: dict[str, Path], folder: Path) -> None:
-        dataset = inputs[data_stage] / "dataset"
-        training = config.training_config
-        eval_file = dataset / "eval.jsonl"
-        if eval_file.is_file() and eval_file.stat().st_size > 0:
-            training = with_values(training, eval_data=str(eval_file))
-        if kind == "dpo" and start_from is not None:
-            dpo = with_values(training.dpo, sft_adapter=str(adapter_folder(inputs[start_from])))
-            training = with_values(training, dpo=dpo)
-        # what this stage trains with, for `selfalign train --config` to repeat it; a launched child trains from it
-        write_text_atomic(folder / "training.yaml", yaml.safe_dump(training.model_dump(mode="json"), sort_keys=False))
-        if config.training.launcher is not None:
-            from selfalign.pipeline.launcher import launch_training
+def only_input(inputs: Inputs, kind: type[OutputsT]) -> OutputsT | None:
+    """The one input of this type (a stage reads at most one judge, one dataset, one adapter to start from)."""
+    found = [value for value in inputs.values() if isinstance(value, kind)]
+    if len(found) > 1:
+        raise ValueError(f"a stage got {len(found)} inputs of type {kind.__name__}; the pipeline wires one at most")
+    return found[0] if found else None
 
-            launch_training(config.training.launcher, kind, folder / "training.yaml", str(dataset / "train.jsonl"),
-                            folder / ADAPTER)  # fmt: skip
-            return
+
+# ---- the stages -------------------------------------------------------------------------------------------------
+
+
+def run_tune_judge(settings: TuneJudgeConfig, inputs: Inputs, out: Path) -> TunedJudge:
+    from selfalign.judging.tuning import tune_judge
+
+    tune_judge(settings, out)
+    return TunedJudge.from_folder(out)
+
+
+def run_preferences(settings: PreferencesConfig, inputs: Inputs, out: Path) -> PreferenceDataset:
+    """respond -> judge -> revise -> helpful -> build, with tune-judge's judge (it judges with the run's model) and
+    the previous round's adapter as the policy, where those are inputs."""
+    from selfalign.preferences.pipeline import run_preferences as make_preferences
+
+    update: dict[str, Any] = {"out_dir": str(out)}
+    if (tuned := only_input(inputs, TunedJudge)) is not None:
+        update.update(judge=tuned.judge, judge_results=str(tuned.results))
+    if (policy := only_input(inputs, TrainedAdapter)) is not None:
+        update["policy"] = with_values(settings.policy, adapter=str(policy.adapter))
+    make_preferences(with_values(settings, **update), out)
+    return PreferenceDataset.from_folder(out)
+
+
+class TrainingStageSettings(StrictModel):
+    """What a training stage trains with, and where: in this process, or in the children `launcher` starts."""
+
+    training: TrainingConfig
+    launcher: LauncherSettings | None = None
+
+
+def run_sft(settings: TrainingStageSettings, inputs: Inputs, out: Path) -> TrainedAdapter:
+    return _train("sft", settings, inputs, out)
+
+
+def run_dpo(settings: TrainingStageSettings, inputs: Inputs, out: Path) -> TrainedAdapter:
+    """DPO from the base model, or from the adapter among its inputs (the SFT one, or the previous round's)."""
+    return _train("dpo", settings, inputs, out)
+
+
+def _train(kind: str, settings: TrainingStageSettings, inputs: Inputs, out: Path) -> TrainedAdapter:
+    dataset = only_input(inputs, PreferenceDataset)
+    assert dataset is not None  # plan_stages gives every training stage its preferences stage
+    training = settings.training
+    if dataset.eval is not None:
+        training = with_values(training, eval_data=str(dataset.eval))
+    if (start_from := only_input(inputs, TrainedAdapter)) is not None:
+        training = with_values(training, dpo=with_values(training.dpo, sft_adapter=str(start_from.adapter)))
+    # what this stage trains with, for `selfalign train --config` to repeat it; a launched child trains from it
+    write_text_atomic(out / "training.yaml", yaml.safe_dump(training.model_dump(mode="json"), sort_keys=False))
+    if settings.launcher is not None:
+        from selfalign.pipeline.launcher import launch_training
+
+        launch_training(settings.launcher, kind, out / "training.yaml", str(dataset.train), out / ADAPTER)
+    else:
         if kind == "sft":
             from selfalign.training.sft import run_sft as train
         else:
             from selfalign.training.dpo import run_dpo as train
-        train(training, str(dataset / "train.jsonl"), folder / ADAPTER)
-
-    return body
-
-
-def _evaluate_body(config: RunConfig, evaluation: Any, adapters: dict[str, str]):
-    def body(inputs: dict[str, Path], folder: Path) -> None:
-        from selfalign.evaluation.run import evaluate
-
-        variants = {variant: str(adapter_folder(inputs[stage])) for variant, stage in adapters.items()}
-        evaluate(with_values(evaluation, adapters=variants, judge=judge_for(config, inputs)), folder)
-
-    return body
+        train(training, str(dataset.train), out / ADAPTER)
+    return TrainedAdapter.from_folder(out)
 
 
-def _report_body(stage_names: list[str]):
-    def body(inputs: dict[str, Path], folder: Path) -> None:
-        from selfalign.reporting.run_report import write_run_report
+def run_evaluation(settings: EvaluateConfig, inputs: Inputs, out: Path) -> Evaluation:
+    """The base model and every adapter among the inputs, each named by its stage; judged by tune-judge's judge
+    where it is an input."""
+    from selfalign.evaluation.run import evaluate
 
-        write_run_report(inputs, folder)
+    adapters = {name: str(value.adapter) for name, value in inputs.items() if isinstance(value, TrainedAdapter)}
+    tuned = only_input(inputs, TunedJudge)
+    evaluate(with_values(settings, adapters=adapters, judge=tuned.judge if tuned else settings.judge), out)
+    return Evaluation.from_folder(out)
 
-    return body
+
+def run_report(settings: None, inputs: Inputs, out: Path) -> RunReport:
+    """The report reads the stages' files (so it can be rebuilt from a run folder alone)."""
+    from selfalign.reporting.run_report import write_run_report
+
+    write_run_report({name: value.folder for name, value in inputs.items()}, out)
+    return RunReport.from_folder(out)
 
 
 # ---- token counts, read from the files each stage wrote ---------------------------------------------------------
@@ -269,8 +302,7 @@ def count_evaluation_tokens(folder: Path) -> dict[str, Any] | None:
     return None if generated is None else {"generated": generated}
 
 
-def copy_report(report_folder: Path, out: Path) -> None:
+def copy_report(report: RunReport, out: Path) -> None:
     """The final report also lands at the top of the run folder, where people look first."""
-    for name in ("report.md", "report.html"):
-        if (report_folder / name).is_file():
-            shutil.copyfile(report_folder / name, out / name)
+    for path in report.files:
+        shutil.copyfile(path, out / path.name)

@@ -27,6 +27,9 @@ from selfalign.preferences.stage_files import JUDGMENTS, RESPONSES, Models, stag
 from selfalign.preferences.templates import load_refusal_template
 
 RUN_RECORD = "preferences.json"
+# What a run folder holds besides its dataset: the stages' resumable files and the record of timings. `selfalign run`
+# leaves them out of the preferences stage's output hash: a resumed run that ends with the same dataset is the same.
+WORKING_FILES = ("stages/*", "*/stages/*", RUN_RECORD)
 
 
 class RunRecord:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from selfalign.backends.language_model import LanguageModel, load_language_model
-from selfalign.data.jsonl import write_text_atomic
 from selfalign.data.resumable import ResumableJsonl, process_resumably
 from selfalign.errors import SelfAlignError
 from selfalign.judging.judge import Judge, build_judge
 from selfalign.preferences.config import PreferencesConfig
+from selfalign.stage_settings import check_settings
 
 RESPONSES, JUDGMENTS, REVISIONS, HELPFUL = "responses", "judgments", "revisions", "helpful"
 
@@ -45,22 +44,12 @@ def stage_path(stage_dir: Path, name: str) -> Path:
 def open_stage(stage_dir: Path, name: str, settings: dict[str, Any]) -> ResumableJsonl:
     """A stage's progress file, refused when it was started with other settings (its rows would answer another run).
 
-    `settings` holds exactly what changes the stage's rows, as JSON; it is stored beside the rows on first use.
+    `settings` holds exactly what changes the stage's rows, as JSON; it is stored beside the rows on first use
+    (`<name>.settings.json`) and compared with the stored ones on every later use (selfalign.stage_settings).
     """
     path = stage_path(stage_dir, name)
-    settings_path = path.with_suffix(".settings.json")
-    text = json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n"
-    if path.exists() and settings_path.exists():
-        stored = json.loads(settings_path.read_text(encoding="utf-8"))
-        current = json.loads(text)
-        changed = sorted(key for key in stored.keys() | current.keys() if stored.get(key) != current.get(key))
-        if changed:
-            raise SelfAlignError(
-                f"{path} was made with other settings (changed: {', '.join(changed)}); use another --out, or delete "
-                "it and the stage files after it to redo them"
-            )
-    else:
-        write_text_atomic(settings_path, text)
+    remedy = "use another --out, or delete it and the stage files after it to redo them"
+    check_settings(path, settings, path.with_suffix(".settings.json"), remedy)
     return ResumableJsonl(path)
 
 
