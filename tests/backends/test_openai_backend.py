@@ -14,30 +14,9 @@ from selfalign.backends.language_model import ModelConfig, load_language_model
 from selfalign.backends.openai_backend import continuation_logprob
 from selfalign.data.resumable import ResumableJsonl, process_resumably
 from selfalign.errors import SelfAlignError
-from tests.backends.http_helpers import BackgroundLoop, FakeOpenAIServer, FaultProxy, Reply
+from tests.backends.http_helpers import FakeOpenAIServer, FaultProxy, Reply
 
 PROMPTS = [f"prompt number {i}" for i in range(12)]
-
-
-@pytest.fixture(scope="module")
-def loop():
-    with BackgroundLoop() as background:
-        yield background
-
-
-@pytest.fixture
-def serve(loop):
-    """Start fake servers with the given handler; all are stopped after the test."""
-    started = []
-
-    def start(handler=None) -> FakeOpenAIServer:
-        server = loop.call(FakeOpenAIServer(handler).start())
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        loop.call(server.stop())
 
 
 def model_config(urls: list[str], **options) -> ModelConfig:

@@ -12,31 +12,10 @@ import pytest
 from selfalign.backends.base import GenerationParams
 from selfalign.backends.language_model import ModelConfig, load_language_model
 from selfalign.errors import SelfAlignError
-from tests.backends.http_helpers import BackgroundLoop, FakeOpenAIServer, Reply
+from tests.backends.http_helpers import FakeOpenAIServer, Reply
 from tests.backends.vllm_runtime_lora import BASE_MODEL, VLLMRuntimeLoRA, write_adapter
 
 NAME_PATTERN = r"selfalign-[0-9a-f]{16}"
-
-
-@pytest.fixture(scope="module")
-def loop():
-    with BackgroundLoop() as background:
-        yield background
-
-
-@pytest.fixture
-def serve(loop):
-    """Start stand-ins (a VLLMRuntimeLoRA, or any handler) on 127.0.0.1; all are stopped after the test."""
-    started = []
-
-    def start(handler) -> FakeOpenAIServer:
-        server = loop.call(FakeOpenAIServer(handler).start())
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        loop.call(server.stop())
 
 
 def adapter_model(urls: list[str], adapter, **options) -> ModelConfig:
