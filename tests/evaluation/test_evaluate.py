@@ -3,10 +3,12 @@ import math
 
 import pytest
 
+from selfalign.errors import SelfAlignError
 from selfalign.evaluation import run as evaluation_run
 from selfalign.evaluation.rescore import rescore
 from selfalign.evaluation.run import EvaluateConfig, evaluate
 from selfalign.judging.judge import JudgeConfig
+from selfalign.models.adapter_files import ADAPTER_FILES
 from tests.scripted import scripted_model
 
 
@@ -40,6 +42,8 @@ def prompt_files(tmp_path):
     helpful.write_text("".join(json.dumps({"prompt": f"Write a poem about bomb pops {i}"}) + "\n" for i in range(4)))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
+    for name in ADAPTER_FILES:  # the scripted models never read them; the evaluation's records hash them
+        (adapter / name).write_text(f"{name} of the first training\n")
     return harmful, benign, helpful, adapter
 
 
@@ -98,6 +102,28 @@ def test_a_rerun_resumes_without_generating_again(tmp_path, prompt_files, script
     for path in (out / "answers").glob("*.jsonl"):
         keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
         assert len(keys) == len(set(keys)) == 14
+
+
+def test_a_rerun_with_a_retrained_adapter_or_other_generation_settings_is_refused(tmp_path, prompt_files,
+                                                                                 scripted_variants):  # fmt: skip
+    """Answers on disk answer the adapter and decoding they were made with: an evaluation into the same folder after
+    retraining (same folder, new weights) or with another max_new_tokens stops, naming the file and the setting."""
+    harmful, benign, helpful, adapter = prompt_files
+    config = EvaluateConfig(harmful=str(harmful), benign=str(benign), helpful=str(helpful),
+                            adapters={"dpo": str(adapter)}, bootstrap_samples=200)  # fmt: skip
+    out = tmp_path / "eval"
+    evaluate(config, out)
+    longer = config.model_copy(update={"generation": config.generation.model_copy(update={"max_new_tokens": 64})})
+    changed = r"\.jsonl was made with other settings \(changed: {}\)"
+    with pytest.raises(SelfAlignError, match="answers/base" + changed.format("generation")):
+        evaluate(longer, out)
+    (adapter / "adapter_model.safetensors").write_text("weights of a second training\n")
+    with pytest.raises(SelfAlignError, match="answers/dpo" + changed.format("adapter")):
+        evaluate(config, out)
+    evaluate(config, tmp_path / "fresh")  # a new folder takes the new adapter
+    (adapter / "adapter_config.json").unlink()
+    with pytest.raises(SelfAlignError, match="not a PEFT adapter folder"):
+        evaluate(config, tmp_path / "another")
 
 
 def test_rescore_uses_saved_answers_and_reports_agreement(tmp_path, prompt_files, scripted_variants, monkeypatch):
@@ -197,6 +223,7 @@ def test_with_vllm_one_engine_answers_for_the_base_model_every_adapter_and_the_j
     for name, rank in (("sft", 8), ("dpo", 16)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": rank}))
+        (tmp_path / name / "adapter_model.safetensors").write_text(f"{name} weights")  # hashed, never read here
         adapters[name] = str(tmp_path / name)
     model = ModelConfig(model=str(tiny_model_dir), backend="vllm", options={"show_progress": False})
     config = EvaluateConfig(model=model, harmful=str(harmful), benign=str(benign), helpful=str(helpful), limit=2,

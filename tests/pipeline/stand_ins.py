@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selfalign.models.adapter_files import ADAPTER_FILES
 from selfalign.pipeline import stages as stages_module
 from selfalign.pipeline.outputs import ADAPTER, Evaluation, PreferenceDataset, RunReport, TrainedAdapter, TunedJudge
 
@@ -33,6 +34,8 @@ def _dataset(out: Path, content: Any) -> None:
 
 def _adapter(out: Path, content: Any) -> None:
     _write(out / ADAPTER / "metrics.json", {"stage": out.parent.name, **content})  # run/<sft|dpo>/<name>-<key>
+    for name in ADAPTER_FILES:  # what an evaluation hashes to know which adapter its answers came from
+        _write(out / ADAPTER / name, {"file": name, **content})
 
 
 WRITERS: dict[type, Callable[[Path, Any], None]] = {

@@ -23,7 +23,6 @@ vLLM's replies (vllm/entrypoints/serve/lora/api_router.py and openai/models/serv
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -32,14 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from selfalign.backends.http import RETRYABLE_STATUS, Secret, error_text, retry_after_seconds
 from selfalign.errors import SelfAlignError
-from selfalign.models.gguf_cache import sha256_of_file
+from selfalign.models.adapter_files import ADAPTER_FILES, adapter_digest
 
 if TYPE_CHECKING:
     from selfalign.backends.openai_backend import OpenAIOptions
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what vLLM reads from a PEFT folder
 START_VLLM_WITH = (
     "start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment and --enable-lora (and --max-lora-rank "
     "at least the adapter's r)"
@@ -48,10 +46,7 @@ START_VLLM_WITH = (
 
 def adapter_name(folder: Path) -> str:
     """The name an adapter is served under: a hash of the files that make its output, not of its path."""
-    digest = hashlib.sha256()
-    for file_name in ADAPTER_FILES:
-        digest.update(f"{file_name}:{sha256_of_file(folder / file_name)}\n".encode())
-    return f"selfalign-{digest.hexdigest()[:16]}"
+    return f"selfalign-{adapter_digest(folder)}"
 
 
 def path_on_server(folder: Path, path_map: dict[str, str]) -> str:

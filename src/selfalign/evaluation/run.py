@@ -36,6 +36,8 @@ from selfalign.evaluation.refusal_classes import detector_class, judge_classes
 from selfalign.judging.judge import JudgeConfig, build_judge
 from selfalign.judging.refusal import RefusalDetector
 from selfalign.judging.templates import JudgeTemplateName
+from selfalign.models.adapter_files import adapter_digest
+from selfalign.stage_settings import check_settings
 
 logger = logging.getLogger(__name__)
 BASE = "base"
@@ -198,16 +200,53 @@ def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
         models.close()  # engines and their GPU memory go before the next stage loads its model, also after an error
 
 
+class ResumeSettings:
+    """What made each resumable file of an evaluation, stored beside it: rows made with other settings are refused, not
+    reused. `selfalign run` gives changed settings a new folder anyway; `selfalign evaluate --out` into an earlier
+    folder would otherwise report a retrained adapter's old answers, or answers of another length."""
+
+    REMEDY = "use another --out, or delete the file to redo it"
+
+    def __init__(self, config: EvaluateConfig) -> None:
+        self.config = config
+        self.adapters = {name: adapter_digest(path) for name, path in config.adapters.items()}
+
+    @staticmethod
+    def dump(settings: StrictModel) -> dict:
+        return settings.model_dump(mode="json", context={"cache_key": True})  # servers and retries left out
+
+    def answers(self, variant: str) -> dict:
+        base = self.config.model.model_copy(update={"adapter": None})
+        generation = self.dump(self.config.generation)
+        return dict(model=self.dump(base), adapter=self.adapters.get(variant), generation=generation)
+
+    def capability(self, variant: str) -> dict:
+        return {key: value for key, value in self.answers(variant).items() if key != "generation"}
+
+    def judgments(self, variant: str, judge_model: LanguageModel, judge: JudgeConfig) -> dict:
+        return dict(answers=self.answers(variant), judge_model=self.dump(judge_model.config), judge=self.dump(judge),
+                    refusal_judge_template=self.config.refusal_judge_template)  # fmt: skip
+
+    def pairwise(self, variant: str, judge_model: LanguageModel) -> dict:
+        return dict(base=self.answers(BASE), answers=self.answers(variant), judge_model=self.dump(judge_model.config),
+                    pairwise_template=self.config.pairwise_template)  # fmt: skip
+
+    def store(self, path: Path, settings: dict) -> ResumableJsonl:
+        check_settings(path, settings, path.with_suffix(".settings.json"), self.REMEDY)
+        return ResumableJsonl(path)
+
+
 def _evaluate(config: EvaluateConfig, out_dir: Path, models: EvaluationModels) -> dict:
     items = load_prompt_sets(config)
     questions = load_capability(config.capability, config.capability_limit) if config.capability else []
     variants = [BASE, *config.adapters]
+    made_with = ResumeSettings(config)
 
     # ---- 1. answers (and capability, while the variant is loaded) ---------------------------------------------
     answers, capability = {}, {}
     for variant in variants:
-        store = ResumableJsonl(out_dir / "answers" / f"{variant}.jsonl")
-        scored = ResumableJsonl(out_dir / "capability" / f"{variant}.jsonl")
+        store = made_with.store(out_dir / "answers" / f"{variant}.jsonl", made_with.answers(variant))
+        scored = made_with.store(out_dir / "capability" / f"{variant}.jsonl", made_with.capability(variant))
         if len(store) < len(items) or len(scored) < len(questions):
             model = models.variant(variant)
             logger.info("answering %d prompts with %s", len(items), variant)
@@ -234,20 +273,26 @@ def _evaluate(config: EvaluateConfig, out_dir: Path, models: EvaluationModels) -
     (judge_model, record_judge), second = (external, own) if config.external_judge_reads == "everything" else (
         own, external)  # fmt: skip
     judgments = {
-        variant: judge_answers(judge_model, record_judge, answers[variant], config,
-                               out_dir / "judgments" / f"{variant}.jsonl")
+        variant: judge_answers(judge_model, record_judge, answers[variant], config, made_with.store(
+            out_dir / "judgments" / f"{variant}.jsonl", made_with.judgments(variant, judge_model, record_judge)))
         for variant in variants
     }  # fmt: skip
     second_labels = None
     if second is not None:
         second_labels = {
-            variant: _second_judgments(*second, answers[variant], config, out_dir, variant) for variant in variants
+            variant: _second_judgments(
+                *second,
+                answers[variant],
+                config,
+                made_with.store(out_dir / "second-judge" / f"{variant}.jsonl", made_with.judgments(variant, *second)),
+            )
+            for variant in variants
         }
 
     # ---- 3. pairwise helpfulness ------------------------------------------------------------------------------
     pairwise = {}
     for variant in config.adapters:
-        store = ResumableJsonl(out_dir / "pairwise" / f"{variant}.jsonl")
+        store = made_with.store(out_dir / "pairwise" / f"{variant}.jsonl", made_with.pairwise(variant, judge_model))
         helpful = [(b, v) for b, v in zip(answers[BASE], answers[variant]) if b["set"] == "helpful"]
 
         def compare(chunk, helpful=helpful):
@@ -295,7 +340,7 @@ def _answer(model: LanguageModel, chunk: list[dict], config: EvaluateConfig) -> 
 
 
 def judge_answers(
-    judge_model: LanguageModel, judge: JudgeConfig, answers: list[dict], config: EvaluateConfig, path: Path
+    judge_model: LanguageModel, judge: JudgeConfig, answers: list[dict], config: EvaluateConfig, store: ResumableJsonl
 ) -> list[dict]:
     """Harmfulness, compliance and refusal-detector verdicts for every harmful and benign answer, and XSTest's
     classes for every benign one."""
@@ -333,17 +378,15 @@ def judge_answers(
             rows.append(row)
         return rows
 
-    results = process_resumably(answers, ResumableJsonl(path), work, config.chunk_size)
+    results = process_resumably(answers, store, work, config.chunk_size)
     return [{k: v for k, v in row.items() if k != "key"} for row in results]
 
 
 def _second_judgments(
-    model: LanguageModel, judge_config: JudgeConfig, answers: list[dict], config: EvaluateConfig, out_dir: Path,
-    variant: str,
-) -> list[int | None]:  # fmt: skip
+    model: LanguageModel, judge_config: JudgeConfig, answers: list[dict], config: EvaluateConfig, store: ResumableJsonl
+) -> list[int | None]:
     """The other judge's harm labels, for agreement with the judge of record."""
     judge = build_judge(judge_config, model)
-    store = ResumableJsonl(out_dir / "second-judge" / f"{variant}.jsonl")
 
     def work(chunk: list[dict]) -> list[dict]:
         by_key = {a["key"]: a for a in answers}

@@ -44,12 +44,12 @@ from selfalign.judging.judge import (
 )
 from selfalign.judging.probe import check_class_counts
 from selfalign.judging.templates import JudgeTemplate, JudgeTemplateName, load_template
+from selfalign.models.adapter_files import ADAPTER_FILES
 from selfalign.training.config import LoraSettings
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_FOLDER = "judge-adapter"  # tune-judge writes it beside judge.yaml
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEFT's save_pretrained writes
 TRAINING_RECORD = "judge_adapter.json"  # the template it was trained with, and how it was trained
 MIN_ITEMS_PER_CLASS = 20  # below this a few gradient steps learn the class balance, not the task
 
