@@ -35,6 +35,11 @@ def test_first_run_runs_every_stage_and_writes_the_manifest(tmp_path, ran):
     assert all("output_hash" in stage and "seconds" in stage for stage in on_disk["stages"].values())
     assert all(stage["peak_rss_kb"] >= stage["rss_start_kb"] for stage in on_disk["stages"].values())
     assert on_disk["peak_rss_kb"] >= max(stage["peak_rss_kb"] for stage in on_disk["stages"].values())
+    # what differs between machines: the dtype `auto` chose follows the CPU's bf16 units
+    machine = on_disk["machine"]
+    assert machine["cores"] >= 1 and machine["cpu"] and machine["cpu_capability"]
+    if not machine["gpus"]:
+        assert machine["auto_dtype"] == ("bfloat16" if machine["cpu_bf16"] else "float32")
 
 
 def test_changing_one_training_setting_reruns_only_training_evaluation_and_report(tmp_path, ran):

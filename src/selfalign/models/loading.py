@@ -37,6 +37,30 @@ def resolve_dtype(name: DtypeName) -> Any:
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
+def machine_facts() -> dict[str, Any]:
+    """What can make one config and seed give other numbers on another machine: the CPU (its bf16 units decide what
+    `dtype: auto` loads, and its kernels round differently, which flips greedy tokens), the threads and the GPUs."""
+    import os
+    import platform
+
+    import torch
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    model_names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    return {
+        "cpu": model_names[0] if model_names else platform.processor(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": cpu_supports_bf16(),
+        "auto_dtype": str(resolve_dtype("auto")).removeprefix("torch."),
+        "gpus": [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())],
+    }
+
+
 def local_folder_for(reference: ModelReference) -> str:
     """The folder or hub id that transformers' from_pretrained should read, converting GGUF into the cache first."""
     from selfalign.models.gguf_cache import prepare_embedded_model, prepare_gguf_file

@@ -219,6 +219,8 @@ def build_manifest(
     import importlib.metadata as metadata
     import platform
 
+    from selfalign.models.loading import machine_facts
+
     packages = {}
     for name in ("selfalign", "torch", "transformers", "trl", "peft", "datasets", "accelerate"):
         try:
@@ -231,6 +233,7 @@ def build_manifest(
         **({"failed_stage": state.failed, "error": error} if error is not None else {}),
         "python": platform.python_version(),
         "packages": packages,
+        "machine": machine_facts(),
         "seed": config.seed,
         "config": config.model_dump(mode="json"),
         "seconds": round(seconds, 2),
