@@ -27,9 +27,12 @@ def generate_file(config: GenerateConfig, prompts_path: Path, out_path: Path) ->
             raise SelfAlignError(f"{prompts_path}: row {number}: '{config.prompt_column}' is empty or not text")
     model_config = ModelConfig.model_validate(config.model_dump(include=set(ModelConfig.model_fields)))
     model = load_language_model(model_config)
-    started = time.perf_counter()
-    completions = model.answer([row[config.prompt_column] for row in rows], config.params)
-    seconds = time.perf_counter() - started
+    try:
+        started = time.perf_counter()
+        completions = model.answer([row[config.prompt_column] for row in rows], config.params)
+        seconds = time.perf_counter() - started
+    finally:
+        model.close()  # a server's registered adapter, a vLLM engine
     write_jsonl_atomic(
         out_path,
         (

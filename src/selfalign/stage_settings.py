@@ -34,8 +34,9 @@ def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[st
 
 
 def check_settings(output: Path, settings: dict[str, Any], record: Path, remedy: str) -> None:
-    """Refuse to add to `output` when `record` says it was made with other settings, naming those that changed;
-    where `output` does not exist yet, `record` is (re)written with `settings`."""
+    """Refuse to add to `output` when `record` says it was made with other settings, naming those that changed.
+    Otherwise `record` is (re)written with `settings`: where `output` does not exist yet, and where it exists with no
+    record (a file from before records were kept), which then adopts the current settings unchecked."""
     if output.exists() and record.exists():
         changed = changed_settings(json.loads(record.read_text(encoding="utf-8")), settings)
         if changed:

@@ -121,6 +121,9 @@ def test_a_rerun_with_a_retrained_adapter_or_other_generation_settings_is_refuse
     with pytest.raises(SelfAlignError, match="answers/dpo" + changed.format("adapter")):
         evaluate(config, out)
     evaluate(config, tmp_path / "fresh")  # a new folder takes the new adapter
+    other_judge = config.model_copy(update={"judge": JudgeConfig(template="zero-shot")})
+    with pytest.raises(SelfAlignError, match="judgments/base" + changed.format("judge")):
+        evaluate(other_judge, tmp_path / "fresh")  # the answers stand; their judgments were another judge's
     (adapter / "adapter_config.json").unlink()
     with pytest.raises(SelfAlignError, match="not a PEFT adapter folder"):
         evaluate(config, tmp_path / "another")

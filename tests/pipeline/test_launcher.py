@@ -5,7 +5,9 @@ stand-ins for the other stages' bodies (and for accelerate, where only the child
 `selfalign run` on the tiny model with both training stages launched in two CPU processes."""
 
 import json
+import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -141,6 +143,12 @@ def test_more_gpu_processes_than_gpus_fail_before_any_stage(tmp_path, trained, m
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     run_pipeline(config)  # as many GPUs as processes: the run goes ahead
     assert trained == ["tune-judge", "preferences", "sft", "dpo", "evaluate", "report"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # the finished run, read on a machine without GPUs
+    run_pipeline(config)
+    run_pipeline(config, from_stage="report")  # nothing that trains will run: the launch is not checked
+    assert trained == ["tune-judge", "preferences", "sft", "dpo", "evaluate", "report", "report"]
+    with pytest.raises(SelfAlignError, match="8 processes of type MULTI_GPU, one per GPU, but 0 GPUs"):
+        run_pipeline(config, from_stage="dpo")
 
 
 def test_gpu_ids_limit_the_gpus_a_launch_may_use(tmp_path, trained, monkeypatch):
@@ -227,6 +235,32 @@ def test_an_interrupted_run_stops_the_child_and_what_the_child_started(monkeypat
     assert workers and not process_alive(workers[0])
 
 
+def test_sigterm_to_the_run_stops_the_child_and_what_the_child_started(monkeypatch):
+    """A job scheduler's stop (SIGTERM), not a Python exception, would end the run's process at once and leave the
+    trainers running into a stage folder whose lock is gone: it stops the child's whole session first."""
+    script = (
+        "import subprocess, sys, time\n"
+        "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print('worker', worker.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    workers = []
+
+    class TerminateAtTheWorkersLine:
+        def info(self, message, *args):
+            if len(args) == 2 and args[1].startswith("worker "):
+                workers.append(int(args[1].split()[1]))
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(launcher_module, "logger", TerminateAtTheWorkersLine())
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        launcher_module.run_logged([sys.executable, "-c", script], "sft", "sft: W")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert workers and not process_alive(workers[0])
+    assert signal.getsignal(signal.SIGTERM) is previous  # the run's own handlers are back
+
+
 def process_alive(pid: int, seconds: float = 10.0) -> bool:
     """Whether `pid` still runs (a zombie, ended but not yet reaped by its new parent, counts as ended)."""
     deadline = time.monotonic() + seconds
@@ -257,7 +291,7 @@ def test_the_stage_launches_selfalign_train_on_its_config_and_data(tmp_path, ran
     argv = next(message for message in caplog.messages if message.startswith("sft | argv "))
     assert argv.split()[3:] == [
         "--config_file", str(SHIPPED_CONFIGS / "accelerate" / "cpu-2proc.yaml"), "--num_processes", "2",
-        "-m", "selfalign", "train", "sft", "--config", str(sft / "training.yaml"),
+        "--mixed_precision", "no", "-m", "selfalign", "train", "sft", "--config", str(sft / "training.yaml"),
         "--data", str(preferences / "dataset" / "train.jsonl"), "--out", str(sft / "training"),
     ]  # fmt: skip
     assert str(error.value) == (

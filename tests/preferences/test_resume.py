@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 from tests.preferences.conftest import ScenarioBackend, read_jsonl, scenario_config, scenario_models
 
+from selfalign.backends.language_model import LanguageModel
 from selfalign.errors import SelfAlignError
+from selfalign.models.formats import get_prompt_format
 from selfalign.preferences.pipeline import run_preferences, run_stage
+from selfalign.preferences.stage_files import Models
 
 STAGE_FILES = ("responses", "judgments", "revisions", "helpful")
 RESULT_FILES = ("train.jsonl", "eval.jsonl", "README.md", "funnel.json")
@@ -145,3 +148,29 @@ def test_kill_9_mid_stage_then_rerun_gives_the_same_dataset(tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert results(tmp_path / "killed") == results(tmp_path / "reference")
     assert_no_item_twice(tmp_path / "killed")
+
+
+def test_a_stage_releases_the_models_it_loaded_and_only_those(tmp_path, monkeypatch):
+    """The policy `run_stage` loaded is closed when it returns, also after an error (a server keeps no registered
+    adapter, a vLLM engine its GPU memory); models a caller passed in stay the caller's to close."""
+    from selfalign.preferences import stage_files
+
+    config = scenario_config(tmp_path)
+    closed = []
+
+    class ClosingBackend(ScenarioBackend):
+        def close(self):
+            closed.append(self)
+
+    def load(model_config):
+        return LanguageModel(model_config, ClosingBackend(seed=config.seed), get_prompt_format(None, "plain"))
+
+    monkeypatch.setattr(stage_files, "load_language_model", load)
+    run_stage(config, "respond", tmp_path / "out")
+    assert len(closed) == 1
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_stage(config, "nonsense", tmp_path / "out")
+    assert len(closed) == 1  # that stage loaded nothing
+    given = Models(config, policy=load(config.policy))
+    run_stage(config, "respond", tmp_path / "given", given)
+    assert len(closed) == 1

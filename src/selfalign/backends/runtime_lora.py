@@ -7,9 +7,11 @@ from PATH itself, so PATH must be where the server sees the folder: the local ab
 prefix rewritten by `adapter_path_map` (a server in a container that mounts the runs folder elsewhere).
 
 NAME is `selfalign-` and 16 hex digits of a hash of the adapter's weights and config: two different adapters never
-share a name, and registering one that a server already has (an earlier run, another process) is harmless. vLLM then
-answers 400 "... has already been loaded"; that adapter is used as it is and left loaded, since this object did not
-load it. `unload` removes only what `load` loaded.
+share a name, and registering one that a server already has (an earlier run) is harmless. vLLM then answers 400
+"... has already been loaded"; that adapter is used as it is and left loaded, since this object did not load it.
+`unload` removes only what `load` loaded. The limit: two processes evaluating the same adapter on one server at the
+same time share its name, and the one that loaded it unloads it when it finishes, so the other one's later requests
+fail (404, final). Give such runs separate servers, or run them one after the other.
 
 vLLM's replies (vllm/entrypoints/serve/lora/api_router.py and openai/models/serving.py):
 - 200, plain text "Success: ...": loaded (or unloaded).

@@ -249,16 +249,18 @@ def _evaluate(config: EvaluateConfig, out_dir: Path, models: EvaluationModels) -
         scored = made_with.store(out_dir / "capability" / f"{variant}.jsonl", made_with.capability(variant))
         if len(store) < len(items) or len(scored) < len(questions):
             model = models.variant(variant)
-            logger.info("answering %d prompts with %s", len(items), variant)
-            answers[variant] = process_resumably(
-                items, store, lambda chunk, model=model: _answer(model, chunk, config), config.chunk_size
-            )
-            if questions:
-                logger.info("scoring %d multiple-choice questions with %s", len(questions), variant)
-                capability[variant] = process_resumably(
-                    questions, scored, lambda chunk, model=model: score_choices(model, chunk), config.chunk_size
+            try:
+                logger.info("answering %d prompts with %s", len(items), variant)
+                answers[variant] = process_resumably(
+                    items, store, lambda chunk, model=model: _answer(model, chunk, config), config.chunk_size
                 )
-            models.done_with(model)
+                if questions:
+                    logger.info("scoring %d multiple-choice questions with %s", len(questions), variant)
+                    capability[variant] = process_resumably(
+                        questions, scored, lambda chunk, model=model: score_choices(model, chunk), config.chunk_size
+                    )
+            finally:  # also on an error: a server's registered adapter is released, a local model's memory freed
+                models.done_with(model)
             del model
             gc.collect()
         else:

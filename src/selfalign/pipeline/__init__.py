@@ -6,14 +6,19 @@ import time
 from pathlib import Path
 
 from selfalign.pipeline.config import RunConfig
-from selfalign.pipeline.engine import PlannedStage, RunState, build_manifest, run_stages, write_manifest
+from selfalign.pipeline.engine import STAGE_ORDER, PlannedStage, RunState, build_manifest, run_stages, write_manifest
 from selfalign.pipeline.lock import hold_run_folder
 from selfalign.pipeline.stages import copy_report, plan_stages
 
+MODEL_STAGES = {"tune-judge", "preferences", "sft", "dpo", "evaluate"}  # the kinds that load the model
+TRAINING_STAGES = {"sft", "dpo"}
 
-def preflight(config: RunConfig) -> None:
-    """Fail on 4-bit weights this machine cannot load, bad data references and templates, and a launch this machine
-    has no devices for, before any stage spends time."""
+
+def preflight(config: RunConfig, running: set[str] | None = None) -> None:
+    """Fail on bad data references and templates, and, where a stage of these kinds will run (`running`; None: any),
+    on 4-bit weights this machine cannot load or a launch it has no devices for, before any stage spends time. A
+    cached run checked on another machine (a laptop reading a GPU run's report) needs neither."""
+    running = set(STAGE_ORDER) if running is None else running
     from selfalign.data.loading import load_rows
     from selfalign.errors import SelfAlignError
     from selfalign.evaluation.run import check_twins
@@ -21,7 +26,7 @@ def preflight(config: RunConfig) -> None:
     from selfalign.models.loading import four_bit_unavailable
     from selfalign.preferences.respond import load_prompt_rows
 
-    reason = four_bit_unavailable() if config.model.load_in_4bit else None
+    reason = four_bit_unavailable() if config.model.load_in_4bit and running & MODEL_STAGES else None
     if reason is not None:
         raise SelfAlignError(
             f"model.load_in_4bit: true {reason}; model.load_in_4bit=false loads full-precision weights"
@@ -32,7 +37,7 @@ def preflight(config: RunConfig) -> None:
         if reference:
             load_rows(reference, ["prompt"])
     check_twins(config.evaluation.benign, config.evaluation.harmful)
-    if config.training.launcher is not None:
+    if config.training.launcher is not None and running & TRAINING_STAGES:
         from selfalign.pipeline.launcher import check_devices
 
         check_devices(config.training.launcher)
@@ -55,7 +60,8 @@ def run_pipeline(
     if dry_run:
         plan, _ = run_stages(stages, out, from_stage, only, dry_run=True)
         return plan, None
-    preflight(config)
+    planned, _ = run_stages(stages, out, from_stage, only, dry_run=True)
+    preflight(config, {item.stage.kind for item in planned if item.will_run})
     with hold_run_folder(out, wait=wait):
         started = time.perf_counter()
         state = RunState()

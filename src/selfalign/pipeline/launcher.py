@@ -9,12 +9,15 @@ process count when the run config loads, the devices on this machine in the run'
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,20 +139,30 @@ def visible_gpus(gpu_ids: Any) -> int:
 # ---- the launch ------------------------------------------------------------------------------------------------
 
 
-def launch_command(launcher: LauncherSettings, selfalign_arguments: list[str]) -> list[str]:
-    """`accelerate launch --config_file F [--num_processes N] -m selfalign ARGUMENTS`, with this Python."""
+MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}  # training dtype -> accelerate's name
+
+
+def launch_command(launcher: LauncherSettings, selfalign_arguments: list[str], dtype: str | None = None) -> list[str]:
+    """`accelerate launch --config_file F [--num_processes N] [--mixed_precision P] -m selfalign ARGUMENTS`, with this
+    Python. `dtype` (the training config's resolved dtype) overrides the file's `mixed_precision`: the shipped GPU files
+    say bf16, and a child left with it would train under autocast where the same stage in-process trains in fp32,
+    with the same stage key."""
     command = [*ACCELERATE_LAUNCH, "--config_file", str(launcher.config_file)]
     if launcher.num_processes is not None:
         command += ["--num_processes", str(launcher.num_processes)]
+    if dtype is not None:
+        command += ["--mixed_precision", MIXED_PRECISION[dtype]]
     return [*command, "-m", "selfalign", *selfalign_arguments]
 
 
-def launch_training(launcher: LauncherSettings, kind: str, training_file: Path, data: str, out: Path) -> None:
-    """`selfalign train KIND --config TRAINING_FILE --data DATA --out OUT` under accelerate; the adapter it wrote must
-    be in OUT afterwards."""
+def launch_training(
+    launcher: LauncherSettings, kind: str, training_file: Path, data: str, out: Path, dtype: str | None = None
+) -> None:
+    """`selfalign train KIND --config TRAINING_FILE --data DATA --out OUT` under accelerate, in `dtype`; the adapter
+    it wrote must be in OUT afterwards."""
     arguments = ["train", kind, "--config", str(training_file), "--data", data, "--out", str(out)]
     what = f"{kind}: accelerate launch with {launcher.config_file} ({launcher.processes} processes)"
-    run_logged(launch_command(launcher, arguments), kind, what)
+    run_logged(launch_command(launcher, arguments, dtype), kind, what)
     missing = [name for name in ("adapter_config.json", "metrics.json") if not (out / name).is_file()]
     if missing:
         raise SelfAlignError(f"{what} exited 0 but wrote no {' or '.join(missing)} to {out}")
@@ -158,14 +171,16 @@ def launch_training(launcher: LauncherSettings, kind: str, training_file: Path, 
 def run_logged(command: list[str], prefix: str, what: str) -> None:
     """Run `command`, logging each line it prints (stdout and stderr) as `PREFIX | line`; a non-zero exit raises one
     line naming `what`, the status and the child's last `error: ...` line. The child runs in a session of its own,
-    so that an interrupted run stops every process it started (launcher and trainers alike)."""
+    so that an interrupted run stops every process it started (launcher and trainers alike): on an exception, and on
+    SIGTERM or SIGHUP (a job scheduler's stop, `timeout`, a closed terminal), which would otherwise end this process
+    and leave the trainers running, writing into a stage folder whose lock is gone."""
     logger.info("%s: %s", prefix, shlex.join(command))
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines arrive as they are printed, not per 8 KB
     last_error = None
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=environment,
         start_new_session=True,
-    ) as child:  # fmt: skip
+    ) as child, _stop_signals_raise():  # fmt: skip
         try:
             assert child.stdout is not None
             for line in child.stdout:  # text mode splits progress bars' carriage returns into lines too
@@ -181,6 +196,25 @@ def run_logged(command: list[str], prefix: str, what: str) -> None:
     if status != 0:
         how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
         raise SelfAlignError(f"{what} {how}" + (f" ({last_error})" if last_error else "; its output is in the log"))
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise SystemExit(128 + signal) in the main thread, so that the `except`
+    around the child stops its session; the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a run in another thread keeps the default ones
+        return
+
+    def exit_on(number: int, frame: Any) -> None:
+        raise SystemExit(128 + number)
+
+    previous = {number: signal.signal(number, exit_on) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def stop_session(child: subprocess.Popen) -> None:

@@ -227,8 +227,10 @@ def _train(kind: str, settings: TrainingStageSettings, inputs: Inputs, out: Path
     write_text_atomic(out / "training.yaml", yaml.safe_dump(training.model_dump(mode="json"), sort_keys=False))
     if settings.launcher is not None:
         from selfalign.pipeline.launcher import launch_training
+        from selfalign.training.common import model_dtype
 
-        launch_training(settings.launcher, kind, out / "training.yaml", str(dataset.train), out / ADAPTER)
+        launch_training(settings.launcher, kind, out / "training.yaml", str(dataset.train), out / ADAPTER,
+                        dtype=model_dtype(training))  # fmt: skip
     else:
         if kind == "sft":
             from selfalign.training.sft import run_sft as train

@@ -99,24 +99,27 @@ def run_preferences(
         hub_token()  # a missing token fails before the run, not after it
     out = prepare_out(config, out_dir)
     stages = out / "stages"
-    models = models or Models(config)
+    owned, models = models is None, models or Models(config)
     record = RunRecord(out, config)
-
-    with record.stage("respond"):
-        responses = respond.run(config, respond.load_prompt_items(config), stages, models)
-    with record.stage("judge"):
-        judgments = judge_stage.run(config, responses, stages, models)
-    with record.stage("revise"):
-        revise.run(config, judgments, stages, models)
-    with record.stage("helpful"):
-        helpful.run(config, judgments, stages, models)
-    with record.stage("build"):
-        dataset = build.run(config, stages, out / "dataset")
-    if push_to_hub:
-        with record.stage("push_to_hub"):
-            record.data["pushed_to"] = build.push_to_hub(dataset, push_to_hub)
-    record.finish(pairs_kept=json.loads((dataset / "funnel.json").read_text(encoding="utf-8"))["kept"])
-    return dataset
+    try:
+        with record.stage("respond"):
+            responses = respond.run(config, respond.load_prompt_items(config), stages, models)
+        with record.stage("judge"):
+            judgments = judge_stage.run(config, responses, stages, models)
+        with record.stage("revise"):
+            revise.run(config, judgments, stages, models)
+        with record.stage("helpful"):
+            helpful.run(config, judgments, stages, models)
+        with record.stage("build"):
+            dataset = build.run(config, stages, out / "dataset")
+        if push_to_hub:
+            with record.stage("push_to_hub"):
+                record.data["pushed_to"] = build.push_to_hub(dataset, push_to_hub)
+        record.finish(pairs_kept=json.loads((dataset / "funnel.json").read_text(encoding="utf-8"))["kept"])
+        return dataset
+    finally:
+        if owned:
+            models.close()  # what it loaded: a server's registered adapter, a vLLM engine
 
 
 def run_stage(config: PreferencesConfig, stage: str, out_dir: str | Path | None = None, models: Models | None = None
@@ -124,11 +127,15 @@ def run_stage(config: PreferencesConfig, stage: str, out_dir: str | Path | None 
     """One of respond, judge, revise on its own, reading the previous stage's file from OUT/stages."""
     check_files(config)
     stages = prepare_out(config, out_dir) / "stages"
-    models = models or Models(config)
-    if stage == "respond":
-        return respond.run(config, respond.load_prompt_items(config), stages, models)
-    if stage == "judge":
-        return judge_stage.run(config, stage_path(stages, RESPONSES), stages, models)
-    if stage == "revise":
-        return revise.run(config, stage_path(stages, JUDGMENTS), stages, models)
-    raise ValueError(f"unknown stage {stage!r}")
+    owned, models = models is None, models or Models(config)
+    try:
+        if stage == "respond":
+            return respond.run(config, respond.load_prompt_items(config), stages, models)
+        if stage == "judge":
+            return judge_stage.run(config, stage_path(stages, RESPONSES), stages, models)
+        if stage == "revise":
+            return revise.run(config, stage_path(stages, JUDGMENTS), stages, models)
+        raise ValueError(f"unknown stage {stage!r}")
+    finally:
+        if owned:
+            models.close()

@@ -21,11 +21,13 @@ class Models:
 
     def __init__(self, config: PreferencesConfig, policy: LanguageModel | None = None, judge: Judge | None = None):
         self.config, self._policy, self._judge = config, policy, judge
+        self._loaded: list[LanguageModel] = []  # what close() releases
 
     @property
     def policy(self) -> LanguageModel:
         if self._policy is None:
             self._policy = load_language_model(self.config.policy)
+            self._loaded.append(self._policy)
         return self._policy
 
     @property
@@ -33,8 +35,16 @@ class Models:
         if self._judge is None:
             separate = self.config.judge.model
             judge_model = self.policy if separate is None else load_language_model(separate)
+            if separate is not None:
+                self._loaded.append(judge_model)
             self._judge = build_judge(self.config.judge, judge_model)
         return self._judge
+
+    def close(self) -> None:
+        """Release the models this object loaded (a server's registered adapter, a vLLM engine), not those given."""
+        for model in self._loaded:
+            model.close()
+        self._loaded.clear()
 
 
 def stage_path(stage_dir: Path, name: str) -> Path:
