@@ -85,7 +85,7 @@ def ran(monkeypatch):
 
     stages = [Stage("a", "a", [], {}, body("a")), Stage("b", "b", ["a"], {}, body("b"))]
     monkeypatch.setattr(pipeline_module, "plan_stages", lambda config: stages)
-    monkeypatch.setattr(pipeline_module, "preflight", lambda config: None)
+    monkeypatch.setattr(pipeline_module, "preflight", lambda config, running=None: None)
     return calls
 
 
