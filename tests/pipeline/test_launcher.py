@@ -214,48 +214,46 @@ def test_the_childs_lines_go_to_the_log_and_a_failure_is_one_line(caplog):
         launcher_module.run_logged([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"], "dpo", "dpo: W")
 
 
-def test_an_interrupted_run_stops_the_child_and_what_the_child_started(monkeypatch):
-    script = (
-        "import subprocess, sys, time\n"
-        "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-        "print('worker', worker.pid, flush=True)\n"
-        "time.sleep(120)\n"
-    )
+# a child that starts a worker of its own, prints its pid and waits: the worker stands for accelerate's trainers
+CHILD_WITH_A_WORKER = (
+    "import subprocess, sys, time\n"
+    "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+    "print('worker', worker.pid, flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def stop_at_the_workers_line(monkeypatch, stop) -> list[int]:
+    """Call `stop()` in the run's process when the child's "worker PID" line is logged; returns the workers' pids."""
     workers = []
 
-    class InterruptAtTheWorkersLine:
+    class StopAtTheWorkersLine:
         def info(self, message, *args):
             if len(args) == 2 and args[1].startswith("worker "):
                 workers.append(int(args[1].split()[1]))
-                raise KeyboardInterrupt
+                stop()
 
-    monkeypatch.setattr(launcher_module, "logger", InterruptAtTheWorkersLine())
+    monkeypatch.setattr(launcher_module, "logger", StopAtTheWorkersLine())
+    return workers
+
+
+def test_an_interrupted_run_stops_the_child_and_what_the_child_started(monkeypatch):
+    def interrupt():
+        raise KeyboardInterrupt
+
+    workers = stop_at_the_workers_line(monkeypatch, interrupt)
     with pytest.raises(KeyboardInterrupt):
-        launcher_module.run_logged([sys.executable, "-c", script], "sft", "sft: W")
+        launcher_module.run_logged([sys.executable, "-c", CHILD_WITH_A_WORKER], "sft", "sft: W")
     assert workers and not process_alive(workers[0])
 
 
 def test_sigterm_to_the_run_stops_the_child_and_what_the_child_started(monkeypatch):
     """A job scheduler's stop (SIGTERM), not a Python exception, would end the run's process at once and leave the
     trainers running into a stage folder whose lock is gone: it stops the child's whole session first."""
-    script = (
-        "import subprocess, sys, time\n"
-        "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-        "print('worker', worker.pid, flush=True)\n"
-        "time.sleep(120)\n"
-    )
-    workers = []
-
-    class TerminateAtTheWorkersLine:
-        def info(self, message, *args):
-            if len(args) == 2 and args[1].startswith("worker "):
-                workers.append(int(args[1].split()[1]))
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(launcher_module, "logger", TerminateAtTheWorkersLine())
+    workers = stop_at_the_workers_line(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGTERM))
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped:
-        launcher_module.run_logged([sys.executable, "-c", script], "sft", "sft: W")
+        launcher_module.run_logged([sys.executable, "-c", CHILD_WITH_A_WORKER], "sft", "sft: W")
     assert stopped.value.code == 128 + signal.SIGTERM
     assert workers and not process_alive(workers[0])
     assert signal.getsignal(signal.SIGTERM) is previous  # the run's own handlers are back
