@@ -18,7 +18,6 @@ def preflight(config: RunConfig, running: set[str] | None = None) -> None:
     """Fail on bad data references and templates, and, where a stage of these kinds will run (`running`; None: any),
     on 4-bit weights this machine cannot load or a launch it has no devices for, before any stage spends time. A
     cached run checked on another machine (a laptop reading a GPU run's report) needs neither."""
-    running = set(STAGE_ORDER) if running is None else running
     from selfalign.data.loading import load_rows
     from selfalign.errors import SelfAlignError
     from selfalign.evaluation.run import check_twins
@@ -26,6 +25,7 @@ def preflight(config: RunConfig, running: set[str] | None = None) -> None:
     from selfalign.models.loading import four_bit_unavailable
     from selfalign.preferences.respond import load_prompt_rows
 
+    running = set(STAGE_ORDER) if running is None else running
     reason = four_bit_unavailable() if config.model.load_in_4bit and running & MODEL_STAGES else None
     if reason is not None:
         raise SelfAlignError(
