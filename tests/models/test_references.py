@@ -59,3 +59,24 @@ def test_hub_id_offline_fails_with_one_line(monkeypatch):
     with pytest.raises(SelfAlignError, match="cannot load model 'nobody-here/no-such-model'") as info:
         load_model("nobody-here/no-such-model")
     assert "\n" not in str(info.value)
+
+
+def test_tokenizers_drop_the_python_copies_of_their_vocabulary_and_still_tokenize_and_save(tmp_path):
+    """GemmaTokenizer keeps the vocabulary and merges it built its backend from; `datasets` pickled them on every
+    fingerprint of a TRL `map`. Without them the tokenizer encodes, fingerprints and saves as before."""
+    from datasets.fingerprint import Hasher
+    from transformers import AutoTokenizer, GemmaTokenizer
+
+    from selfalign.models.loading import INIT_COPIES, tokenizer_from_pretrained
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "a": 4, "b": 5, "ab": 6, "▁": 7}
+    GemmaTokenizer(vocab=vocab, merges=[("a", "b")]).save_pretrained(tmp_path / "saved")
+    as_transformers_loads_it = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert all(name in as_transformers_loads_it.__dict__ for name in INIT_COPIES)  # what this guards against
+
+    tokenizer = tokenizer_from_pretrained(str(tmp_path / "saved"))
+    assert not any(name in tokenizer.__dict__ for name in INIT_COPIES)
+    assert tokenizer("ab ab ba").input_ids == as_transformers_loads_it("ab ab ba").input_ids
+    assert Hasher.hash(tokenizer) == Hasher.hash(tokenizer_from_pretrained(str(tmp_path / "saved")))  # stable
+    tokenizer.save_pretrained(tmp_path / "again")
+    assert AutoTokenizer.from_pretrained(tmp_path / "again").get_vocab() == as_transformers_loads_it.get_vocab()

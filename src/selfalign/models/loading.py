@@ -96,14 +96,31 @@ class LoadedModel:
 
 
 def load_tokenizer(model: str, revision: str | None = None) -> Any:
-    from transformers import AutoTokenizer
-
     reference = resolve_model_reference(model)
     source = local_folder_for(reference)
     try:
-        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
+        return tokenizer_from_pretrained(source, revision=revision, trust_remote_code=False)
     except OSError as exc:
         raise SelfAlignError(f"cannot load the tokenizer of '{model}': {_first_line(exc)}") from None
+
+
+# What transformers 5's tokenizers-backed classes (GemmaTokenizer, LlamaTokenizer and others) keep of the vocabulary
+# and merges they built their backend from; only their __init__ reads them.
+INIT_COPIES = ("_vocab", "_merges")
+
+
+def tokenizer_from_pretrained(source: str, **kwargs: Any) -> Any:
+    """`AutoTokenizer.from_pretrained`, less the Python copies of the vocabulary and merges the backend was built
+    from. TRL's tokenizing `map` calls take the tokenizer as an argument, so `datasets` fingerprints it by pickling:
+    with the embedded model's 262,144 words and 514,906 merges as Python objects that took 4.3 s a call; without
+    them, the backend's serialised state alone (BENCHMARKS.md, "Training")."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if getattr(tokenizer, "_tokenizer", None) is not None:  # the backend holds the vocabulary and merges itself
+        for name in INIT_COPIES:
+            tokenizer.__dict__.pop(name, None)
+    return tokenizer
 
 
 def load_model(
@@ -117,7 +134,7 @@ def load_model(
     """Load a causal LM and its tokenizer from a model reference (see `resolve_model_reference`)."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()  # our own bars report progress; theirs would interleave
     reference = resolve_model_reference(model)
@@ -133,7 +150,7 @@ def load_model(
     elif device != "cpu":
         kwargs["device_map"] = device
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = tokenizer_from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
         loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         # Offline hub lookups and missing files both arrive as OSError with a long explanation.

@@ -140,7 +140,8 @@ class TrainingConfig(StrictModel):
     lm_head_answer_only: bool = Field(
         True,
         description="Project through the LM head only at the answer positions the loss reads, on CPU as TRL does on "
-        "CUDA (training/cpu_speed.py); the same log-probabilities, a fraction of the work. False: TRL's choice.",
+        "CUDA, once per step instead of again in the backward (training/cpu_speed.py); the same log-probabilities, a "
+        "fraction of the work. False: TRL's choice.",
     )
     seed: int = Field(42, ge=0)
 

@@ -1,4 +1,5 @@
-"""What TRL leaves undone on CPU, in one place: the LM head projected only where the loss reads it.
+"""What TRL leaves undone on CPU, in one place: the LM head projected only where the loss reads it, and the
+log-probabilities of those rows computed in fewer passes.
 
 TRL's trainers (SFT and DPO) compute per-token log-probabilities through a fused, tiled LM head
 (`trl.trainer.utils.add_fused_lm_head`) that never materialises the (batch, length, vocabulary) logits. On CUDA and
@@ -6,8 +7,14 @@ XPU it projects only the positions whose label is not -100 (the answer tokens); 
 all positions, prompt and padding included, because a varying number of rows would recompile the kernels of
 accelerators such as Neuron. CPU kernels do not recompile, and on the embedded model the LM head is most of the
 work: its 262,144 x 640 projection costs ~335 MFLOP a token, the 18 transformer layers ~200 MFLOP. So on CPU the
-rows the loss never reads are left out here too; the log-probabilities of the rows it reads are the same numbers
-(`tests/training/test_cpu_speed.py` checks this, and `benchmarks/training.py` checks the losses).
+rows the loss never reads are left out here too.
+
+On CPU TRL then runs its GPU kernel's algorithm in torch (`trl.kernels.chunked_logprob`): 32,768-word tiles folded
+into running statistics, one more elementwise pass over each tile per optional output, and a backward that projects
+every tile again. A few hundred answer rows' full logits fit in memory, so `AnswerLogProbs` projects once and keeps
+the softmax for the backward: one elementwise pass and one matrix product instead of the projection done twice.
+The log-probabilities are the same numbers up to summation order (`tests/training/test_cpu_speed.py` checks them
+and their gradients against TRL's, and `benchmarks/training.py` checks the losses).
 """
 
 from __future__ import annotations
@@ -15,33 +22,157 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
+
+# Values of logits (rows x vocabulary, fp32) projected at once, and of softmax kept per batch for the backward; past
+# the second, TRL's tiled function runs instead. The embedded model's 262,144-word vocabulary: 512 rows a projection.
+ROWS_BUDGET = 2**27  # 512 MiB of fp32
+KEPT_BUDGET = 2**29  # 2 GiB of fp32
 
 
 @contextlib.contextmanager
 def lm_head_on_answer_positions(enabled: bool = True) -> Iterator[bool]:
-    """Within the block, TRL's fused LM head projects only labelled positions on CPU as it does on CUDA; yields
-    whether it does (False when disabled, or when this TRL has no fused LM head to steer)."""
+    """Within the block, TRL's fused LM head projects only labelled positions on CPU as it does on CUDA, through
+    `AnswerLogProbs`; yields whether it does (False when disabled, or when this TRL has no fused LM head to steer)."""
     try:
         from trl.trainer import utils as trl_utils
     except ImportError:  # pragma: no cover - TRL is a dependency
         yield False
         return
     choose_compact = getattr(trl_utils, "_use_triton", None)
-    if not enabled or choose_compact is None:
+    tiled = getattr(trl_utils, "_ChunkedLogProbFunction", None)
+    if not enabled or choose_compact is None or tiled is None:
         if enabled:
             logger.info("this TRL has no fused LM head switch (trl.trainer.utils._use_triton): all positions projected")
         yield False
         return
 
     # TRL reads this switch only to choose compact rows in the fused LM head; its kernels consult their own copy in
-    # trl.kernels.chunked_logprob, so on CPU they keep running the torch tiles.
+    # trl.kernels.chunked_logprob, so off CPU they keep running as before.
     def compact_on_cpu_too(device):
         return device.type == "cpu" or choose_compact(device)
 
     trl_utils._use_triton = compact_on_cpu_too
+    trl_utils._ChunkedLogProbFunction = _OnCpu(tiled)
     try:
         yield True
     finally:
         trl_utils._use_triton = choose_compact
+        trl_utils._ChunkedLogProbFunction = tiled
+
+
+class _OnCpu:
+    """Stands in for TRL's `ChunkedLogProbFunction` at its one call site: `AnswerLogProbs` for CPU rows that fit,
+    TRL's function for everything else (accelerators, soft-capped logits, autocast, more rows than KEPT_BUDGET)."""
+
+    def __init__(self, tiled: Any) -> None:
+        self.tiled = tiled
+
+    def apply(self, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
+              outputs=("log_probs",)):  # fmt: skip
+        ours = (
+            hidden.device.type == "cpu"
+            and softcap is None
+            and not torch.is_autocast_enabled("cpu")
+            and hidden.shape[0] * weight.shape[0] <= KEPT_BUDGET
+        )
+        function = AnswerLogProbs if ours else self.tiled
+        return function.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs)
+
+
+class AnswerLogProbs(torch.autograd.Function):
+    """TRL's `ChunkedLogProbFunction` (same arguments, same outputs) for CPU: each block of rows is projected once,
+    its softmax kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
+                outputs=("log_probs",)):  # fmt: skip
+        ctx.set_materialize_grads(False)
+        keep = any(ctx.needs_input_grad[:3])  # grad mode is off inside forward; this says whether backward runs
+        scale = logit_scale / temperature
+        columns = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+        found: dict[str, list[torch.Tensor]] = {name: [] for name in columns}
+        probs = []
+        rows = max(1, ROWS_BUDGET // weight.shape[0])
+        for start in range(0, hidden.shape[0], rows):
+            target = targets[start : start + rows]
+            z = hidden[start : start + rows] @ weight.t()  # in the model's dtype, as TRL's tiles are
+            if bias is not None:
+                z += bias
+            z = z.float()
+            if scale != 1.0:
+                z.mul_(scale)
+            top = z.amax(-1)
+            target_z = z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            if "mean_logits" in outputs:
+                found["mean_logits"].append(z.mean(-1))
+            if "is_top1" in outputs:
+                found["is_top1"].append(first_maximum(z, target, target_z >= top))
+            shifted = z.sub_(top.unsqueeze(-1))
+            exp = shifted.exp()
+            total = exp.sum(-1)
+            log_total = total.log()
+            found["log_probs"].append(target_z - top - log_total)
+            if "entropy" in outputs:  # -sum p log p, with p = exp / total and log p = shifted - log total
+                found["entropy"].append(log_total - torch.linalg.vecdot(exp, shifted) / total)
+            del z, shifted
+            p = exp.div_(total.unsqueeze(-1))
+            if "log_sum_sq_probs" in outputs:
+                found["log_sum_sq_probs"].append(torch.linalg.vecdot(p, p).log())
+            if keep:
+                probs.append(p)
+        joined = [torch.cat(found[name]) if found[name] else None for name in columns]
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.probs, ctx.scale, ctx.entropy = probs, scale, joined[1]
+        ctx.mark_non_differentiable(*(x for x in joined[2:] if x is not None))
+        return tuple(joined)
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, *_):  # type: ignore[override]
+        if ctx.probs is None:
+            raise RuntimeError("AnswerLogProbs keeps its softmax for one backward only")
+        hidden, weight, bias, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        start = 0
+        for p in ctx.probs:
+            end = start + p.shape[0]
+            grad_z = None
+            if grad_entropy is not None:
+                # d entropy / dz_j = -p_j (log p_j + entropy); first, because the next term is written over p
+                entropy = ctx.entropy[start:end].unsqueeze(-1)
+                grad_z = (torch.special.xlogy(p, p) + p * entropy).mul_(-grad_entropy[start:end].float().unsqueeze(-1))
+            if grad_logprobs is not None:
+                # d log p_target / dz_j = 1[j = target] - p_j
+                g = grad_logprobs[start:end].float().unsqueeze(-1)
+                term = p.mul_(-g).scatter_add_(-1, targets[start:end].unsqueeze(-1), g)
+                grad_z = term if grad_z is None else grad_z.add_(term)
+            if grad_z is None:
+                grad_z = torch.zeros_like(p)
+            grad_z.mul_(ctx.scale)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_z.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight += grad_z.t() @ hidden[start:end].float()
+            if grad_bias is not None:
+                grad_bias += grad_z.sum(0)
+            start = end
+        ctx.probs = None
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def first_maximum(logits: torch.Tensor, targets: torch.Tensor, at_maximum: torch.Tensor) -> torch.Tensor:
+    """Whether each row's target is its first maximal logit (TRL's `is_top1`: a tie with an earlier word does not
+    count). `at_maximum` (target logit == row maximum) decides most rows; `argmax` runs on those rows only."""
+    first = at_maximum.clone()
+    rows = at_maximum.nonzero().squeeze(-1)
+    if rows.numel():
+        first[rows] = logits[rows].argmax(-1) == targets[rows]
+    return first
