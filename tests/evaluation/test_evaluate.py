@@ -248,3 +248,39 @@ def test_with_vllm_one_engine_answers_for_the_base_model_every_adapter_and_the_j
         rows = [json.loads(line) for line in answers]
         assert {row["answer"].split()[2] for row in rows} == {lora}
     assert closed[-1] is not None and closed[-1].backend._engine.closed  # released when the evaluation ends
+
+
+def test_rows_an_earlier_evaluation_made_from_the_same_prompts_and_settings_are_copied(tmp_path, prompt_files,
+                                                                                       scripted_variants):  # fmt: skip
+    """A sweep's points share the base model and often an adapter: what an earlier evaluation of the same prompts
+    made with the same model, adapter contents, decoding and judge is copied; the rest is computed, and the results
+    are those of an evaluation that computed everything."""
+    harmful, benign, helpful, sft = prompt_files
+    dpo = tmp_path / "dpo-adapter"
+    dpo.mkdir()
+    for name in ADAPTER_FILES:
+        (dpo / name).write_text(f"{name} of the DPO training\n")
+    config = EvaluateConfig(harmful=str(harmful), benign=str(benign), helpful=str(helpful),
+                            adapters={"sft": str(sft)}, bootstrap_samples=200)  # fmt: skip
+    evaluate(config, tmp_path / "point-1")
+    both = config.model_copy(update={"adapters": {"sft": str(sft), "dpo": str(dpo)}})
+
+    loads = len(scripted_variants)
+    reused = evaluate(both, tmp_path / "point-2", earlier=[tmp_path / "point-1"])
+    assert scripted_variants[loads:] == [str(dpo), None]  # only the new adapter answered; the judge judged it
+    for name in ("answers/base", "answers/sft", "judgments/base", "judgments/sft", "pairwise/sft"):
+        assert (tmp_path / "point-2" / f"{name}.jsonl").read_text() == (
+            tmp_path / "point-1" / f"{name}.jsonl"
+        ).read_text()
+    computed = evaluate(both, tmp_path / "everything")
+    assert reused["models"] == computed["models"]
+
+    # other prompts (a limit), or an adapter of the same name trained again: nothing is copied
+    fewer = both.model_copy(update={"limit": 3})
+    loads = len(scripted_variants)
+    evaluate(fewer, tmp_path / "fewer", earlier=[tmp_path / "point-1"])
+    assert scripted_variants[loads:] == [None, str(sft), str(dpo), None]
+    (sft / "adapter_model.safetensors").write_text("weights of a second training\n")
+    loads = len(scripted_variants)
+    evaluate(both, tmp_path / "retrained", earlier=[tmp_path / "point-1", tmp_path / "point-2"])
+    assert scripted_variants[loads:] == [str(sft), None]  # the base model's rows are still the same computation

@@ -313,10 +313,15 @@ SCRIPTED_BASE = {
 }  # fmt: skip
 
 
-def test_a_sweep_of_the_real_stages_on_the_scripted_model_evaluates_on_dev(tmp_path, monkeypatch):
+def test_a_sweep_of_the_real_stages_on_the_scripted_model_evaluates_on_dev(tmp_path, monkeypatch, caplog):
     """Preferences, evaluation and the report run for real (training is a stand-in: the scripted model has no weights
-    to train, and answers the same with any adapter)."""
+    to train, and answers the same with any adapter). The second point's evaluation copies the base model's and the
+    shared SFT adapter's rows from the first's."""
+    import logging
+
     import yaml
+
+    caplog.set_level(logging.INFO, logger="selfalign.evaluation.run")
 
     for function in ("run_sft", "run_dpo"):  # an adapter folder whose metrics.json holds the training settings
         monkeypatch.setattr(stages_module, function, stand_in(TrainedAdapter, []))
@@ -341,3 +346,5 @@ def test_a_sweep_of_the_real_stages_on_the_scripted_model_evaluates_on_dev(tmp_p
     assert second["metrics"]["dpo"]["capability_acc_norm"]["n"] == 4
     assert result.record["evaluated_on"]["capability"] == ["builtin:capability:dev"]
     assert (result.folder / "sweep.md").read_text().count("| dpo |") == 2
+    copied = {record.args[0].as_posix() for record in caplog.records if "rows copied" in record.msg}
+    assert {"answers/base.jsonl", "judgments/base.jsonl", "answers/sft.jsonl", "pairwise/sft.jsonl"} <= copied

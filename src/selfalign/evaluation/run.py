@@ -9,6 +9,11 @@ Stages, each resumable chunk by chunk (`chunk_size` items) under the output fold
    capability/<variant>.jsonl: multiple-choice questions scored by log-likelihood (capability retained), while each
    variant is loaded to answer;
 4. metrics.json, samples.jsonl, report.md and report.html, computed from those files alone.
+
+Rows an earlier evaluation made from the same things are copied instead of computed again (`earlier`): the same
+prompts and settings (its config.json, adapters aside) and, per file, the same settings record (model, adapter
+contents, generation, judge). `selfalign run` passes its other evaluate folders, so the points of a sweep answer and
+judge with the base model, and with an adapter they share, once.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from collections.abc import Sequence
 from itertools import zip_longest
 from pathlib import Path
 from typing import Literal
@@ -37,7 +43,7 @@ from selfalign.judging.judge import JudgeConfig, build_judge
 from selfalign.judging.refusal import RefusalDetector
 from selfalign.judging.templates import JudgeTemplateName
 from selfalign.models.adapter_files import adapter_digest
-from selfalign.stage_settings import check_settings
+from selfalign.stage_settings import changed_settings, check_settings
 
 logger = logging.getLogger(__name__)
 BASE = "base"
@@ -185,7 +191,9 @@ class EvaluationModels:
         gc.collect()
 
 
-def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
+def evaluate(config: EvaluateConfig, out_dir: Path, earlier: Sequence[Path] = ()) -> dict:
+    """Evaluate into `out_dir`, resuming what it holds and copying what the `earlier` evaluations made from the same
+    prompts and settings (module docstring)."""
     for name, path in config.adapters.items():
         if name == BASE:
             raise SelfAlignError("'base' names the model without adapter; give the adapter another name")
@@ -195,7 +203,7 @@ def evaluate(config: EvaluateConfig, out_dir: Path) -> dict:
     write_text_atomic(out_dir / "config.json", config.model_dump_json(indent=2) + "\n")
     models = EvaluationModels(config.model, config.adapters)
     try:
-        return _evaluate(config, out_dir, models)
+        return _evaluate(config, out_dir, models, ResumeSettings(config, out_dir, earlier))
     finally:
         models.close()  # engines and their GPU memory go before the next stage loads its model, also after an error
 
@@ -207,9 +215,10 @@ class ResumeSettings:
 
     REMEDY = "use another --out, or delete the file to redo it"
 
-    def __init__(self, config: EvaluateConfig) -> None:
-        self.config = config
+    def __init__(self, config: EvaluateConfig, out_dir: Path, earlier: Sequence[Path] = ()) -> None:
+        self.config, self.out_dir = config, out_dir
         self.adapters = {name: adapter_digest(path) for name, path in config.adapters.items()}
+        self.earlier = [folder for folder in earlier if folder != out_dir and same_prompts(folder, config)]
 
     @staticmethod
     def dump(settings: StrictModel) -> dict:
@@ -231,23 +240,55 @@ class ResumeSettings:
         return dict(base=self.answers(BASE), answers=self.answers(variant), judge_model=self.dump(judge_model.config),
                     pairwise_template=self.config.pairwise_template)  # fmt: skip
 
-    def store(self, path: Path, settings: dict) -> ResumableJsonl:
+    def store(self, path: Path, settings: dict, keys: Sequence[str] = ()) -> ResumableJsonl:
+        """The resumable file at `path`, refused if made with other settings, with the rows for `keys` that it
+        lacks copied from an earlier evaluation's file of the same settings, where one has them."""
         check_settings(path, settings, path.with_suffix(".settings.json"), self.REMEDY)
-        return ResumableJsonl(path)
+        store = ResumableJsonl(path)
+        missing = [key for key in keys if key not in store]
+        for folder in self.earlier:
+            if not missing:
+                break
+            for record in sorted((folder / path.parent.relative_to(self.out_dir)).glob("*.settings.json")):
+                source = record.with_name(record.name.removesuffix(".settings.json") + ".jsonl")
+                if not source.is_file() or changed_settings(json.loads(record.read_text(encoding="utf-8")), settings):
+                    continue
+                found = ResumableJsonl(source)
+                rows = [found.get(key) for key in missing if key in found]
+                store.append(rows)
+                missing = [key for key in missing if key not in store]
+                if rows:
+                    logger.info("%s: %d rows copied from %s", path.relative_to(self.out_dir), len(rows), source)
+        return store
 
 
-def _evaluate(config: EvaluateConfig, out_dir: Path, models: EvaluationModels) -> dict:
+def same_prompts(folder: Path, config: EvaluateConfig) -> bool:
+    """Whether the evaluation in `folder` asked the same questions as `config` would, with the same settings: its
+    config.json equals this one but for the adapters (each file's settings record says which adapter made it)."""
+    try:
+        theirs = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    ours = json.loads(config.model_dump_json())
+    return isinstance(theirs, dict) and {**theirs, "adapters": None} == {**ours, "adapters": None}
+
+
+def _evaluate(config: EvaluateConfig, out_dir: Path, models: EvaluationModels, made_with: ResumeSettings) -> dict:
     items = load_prompt_sets(config)
     questions = load_capability(config.capability, config.capability_limit) if config.capability else []
     variants = [BASE, *config.adapters]
-    made_with = ResumeSettings(config)
+    item_keys, question_keys = [item["key"] for item in items], [question["key"] for question in questions]
+    judged_keys = [item["key"] for item in items if item["set"] != "helpful"]
+    helpful_keys = [item["key"] for item in items if item["set"] == "helpful"]
 
     # ---- 1. answers (and capability, while the variant is loaded) ---------------------------------------------
     answers, capability = {}, {}
     for variant in variants:
-        store = made_with.store(out_dir / "answers" / f"{variant}.jsonl", made_with.answers(variant))
-        scored = made_with.store(out_dir / "capability" / f"{variant}.jsonl", made_with.capability(variant))
-        if len(store) < len(items) or len(scored) < len(questions):
+        store = made_with.store(out_dir / "answers" / f"{variant}.jsonl", made_with.answers(variant), item_keys)
+        scored = made_with.store(
+            out_dir / "capability" / f"{variant}.jsonl", made_with.capability(variant), question_keys
+        )
+        if any(key not in store for key in item_keys) or any(key not in scored for key in question_keys):
             model = models.variant(variant)
             try:
                 logger.info("answering %d prompts with %s", len(items), variant)
@@ -276,7 +317,8 @@ def _evaluate(config: EvaluateConfig, out_dir: Path, models: EvaluationModels) -
         own, external)  # fmt: skip
     judgments = {
         variant: judge_answers(judge_model, record_judge, answers[variant], config, made_with.store(
-            out_dir / "judgments" / f"{variant}.jsonl", made_with.judgments(variant, judge_model, record_judge)))
+            out_dir / "judgments" / f"{variant}.jsonl", made_with.judgments(variant, judge_model, record_judge),
+            item_keys))
         for variant in variants
     }  # fmt: skip
     second_labels = None
@@ -286,7 +328,9 @@ def _evaluate(config: EvaluateConfig, out_dir: Path, models: EvaluationModels) -
                 *second,
                 answers[variant],
                 config,
-                made_with.store(out_dir / "second-judge" / f"{variant}.jsonl", made_with.judgments(variant, *second)),
+                made_with.store(
+                    out_dir / "second-judge" / f"{variant}.jsonl", made_with.judgments(variant, *second), judged_keys
+                ),
             )
             for variant in variants
         }
@@ -294,7 +338,9 @@ def _evaluate(config: EvaluateConfig, out_dir: Path, models: EvaluationModels) -
     # ---- 3. pairwise helpfulness ------------------------------------------------------------------------------
     pairwise = {}
     for variant in config.adapters:
-        store = made_with.store(out_dir / "pairwise" / f"{variant}.jsonl", made_with.pairwise(variant, judge_model))
+        store = made_with.store(
+            out_dir / "pairwise" / f"{variant}.jsonl", made_with.pairwise(variant, judge_model), helpful_keys
+        )
         helpful = [(b, v) for b, v in zip(answers[BASE], answers[variant]) if b["set"] == "helpful"]
 
         def compare(chunk, helpful=helpful):

@@ -242,12 +242,14 @@ def _train(kind: str, settings: TrainingStageSettings, inputs: Inputs, out: Path
 
 def run_evaluation(settings: EvaluateConfig, inputs: Inputs, out: Path) -> Evaluation:
     """The base model and every adapter among the inputs, each named by its stage; judged by tune-judge's judge
-    where it is an input."""
+    where it is an input. What the run's other evaluations made from the same prompts and settings (the base
+    model's answers and verdicts, an adapter's that two points of a sweep share) is copied, not made again."""
     from selfalign.evaluation.run import evaluate
 
     adapters = {name: str(value.adapter) for name, value in inputs.items() if isinstance(value, TrainedAdapter)}
     tuned = only_input(inputs, TunedJudge)
-    evaluate(with_values(settings, adapters=adapters, judge=tuned.judge if tuned else settings.judge), out)
+    earlier = sorted(folder for folder in out.parent.iterdir() if folder.is_dir() and folder != out)
+    evaluate(with_values(settings, adapters=adapters, judge=tuned.judge if tuned else settings.judge), out, earlier)
     return Evaluation.from_folder(out)
 
 
