@@ -104,8 +104,9 @@ class DPOSettings(MethodSettings):
 
     trl: dict[str, Any] = Field(
         default_factory=dict,
-        description="Any other field of TRL's DPOConfig, passed through as given (e.g. {loss_type: [ipo], "
-        "rpo_alpha: 1.0}); a field this config already sets is refused with the name of the setting to use.",
+        description="Any other field of TRL's DPOConfig, passed through as given (e.g. {loss_type: [ipo]}, or "
+        "{loss_type: [sigmoid, sft], loss_weights: [1.0, 1.0]}: DPO plus the SFT loss, RPO); a field this config "
+        "already sets is refused with the name of the setting to use.",
     )
 
 
