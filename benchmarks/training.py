@@ -14,11 +14,18 @@ Last line: dpo_precompute_speedup=<DPO total time without precompute / with prec
     python benchmarks/training.py --speedups [--data ...] [--repeats 2]
 
 TRL's path as selfalign ran it before these settings existed (the baseline: fp32, the LM head projected at every
-position, the DPO reference computed every step) against the settings selfalign now uses on CPU, each a fresh
+position and again in the backward, the DPO reference computed every step) against the settings selfalign now uses
+on CPU (training/cpu_speed.py: the answer positions only, projected once; the reference precomputed), each a fresh
 adapter on the same pairs, alternating baseline and fast runs `--repeats` times; the fastest run of each is kept
 (the least disturbed by a shared machine). Losses per step must agree within a tolerance (the same computation, up
 to summation order). Last lines: sft_speedup= and dpo_speedup=, baseline total time / fast total time (DPO's
 precompute pass included).
+
+    python benchmarks/training.py --fingerprint [--model ...]
+
+What `datasets` pays to fingerprint each of TRL's tokenizing `map` calls: hashing the tokenizer as transformers loads
+it (the baseline) and as selfalign loads it (`models.loading.tokenizer_from_pretrained`, without the Python copies
+of the vocabulary and merges); best of 3 each. Last line: tokenizer_fingerprint_speedup=<baseline / selfalign>.
 
     python benchmarks/training.py --compare-allocator [--data ...]
 
@@ -86,6 +93,7 @@ def main() -> None:
     parser.add_argument("--compare-allocator", action="store_true", help="DPO under both allocator settings.")
     parser.add_argument("--speedups", action="store_true", help="TRL's previous path against selfalign's CPU path.")
     parser.add_argument("--repeats", type=int, default=2, help="With --speedups: runs of each setting (fastest kept).")
+    parser.add_argument("--fingerprint", action="store_true", help="datasets' hash of the tokenizer, both loads.")
     parser.add_argument("--dpo-only", action="store_true", help=argparse.SUPPRESS)  # one child of --compare-allocator
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,6 +101,9 @@ def main() -> None:
         keep_large_blocks_for_reuse()
     if args.compare_allocator:
         compare_allocators(args)
+        return
+    if args.fingerprint:
+        compare_fingerprints(args.model)
         return
 
     base = ["eval_fraction=0", "save_steps=100000", "progress_bar=false", f"max_length={args.max_length}"]
@@ -126,12 +137,12 @@ def main() -> None:
 SPEEDUP_SETTINGS = {
     "sft": [
         ("TRL's path (LM head at every position)", ["lm_head_answer_only=false"]),
-        ("selfalign's CPU path (LM head at answer positions)", ["lm_head_answer_only=true"]),
+        ("selfalign's CPU path (LM head at answer positions, projected once)", ["lm_head_answer_only=true"]),
     ],
     "dpo": [
         ("TRL's path (LM head at every position, reference every step)",
          ["lm_head_answer_only=false", "dpo.precompute_ref_log_probs=false"]),
-        ("selfalign's CPU path (LM head at answer positions, reference precomputed)",
+        ("selfalign's CPU path (LM head at answer positions, projected once, reference precomputed)",
          ["lm_head_answer_only=true", "dpo.precompute_ref_log_probs=true"]),
     ],
 }  # fmt: skip
@@ -164,6 +175,31 @@ def compare_speedups(args: argparse.Namespace, base: list[str]) -> None:
         speedups[stage] = baseline["total_s"] / fast["total_s"]
     print(f"sft_speedup={speedups['sft']:.2f}")
     print(f"dpo_speedup={speedups['dpo']:.2f}")
+
+
+def compare_fingerprints(model: str) -> None:
+    from datasets.fingerprint import Hasher
+    from transformers import AutoTokenizer
+
+    from selfalign.models.loading import local_folder_for, tokenizer_from_pretrained
+    from selfalign.models.references import resolve_model_reference
+
+    folder = local_folder_for(resolve_model_reference(model))
+    best = {}
+    for label, load in (("as transformers loads it", AutoTokenizer.from_pretrained),
+                        ("as selfalign loads it", tokenizer_from_pretrained)):  # fmt: skip
+        started = time.perf_counter()
+        tokenizer = load(folder)
+        loaded = time.perf_counter() - started
+        seconds = []
+        for _ in range(3):
+            started = time.perf_counter()
+            Hasher.hash({"processing_class": tokenizer})  # what TRL's map passes in fn_kwargs
+            seconds.append(time.perf_counter() - started)
+        best[label] = min(seconds)
+        print(f"tokenizer {label}: loaded in {loaded:.1f} s; datasets' fingerprint {best[label]:.2f} s "
+              f"(best of {', '.join(f'{x:.2f}' for x in seconds)})", flush=True)  # fmt: skip
+    print(f"tokenizer_fingerprint_speedup={best['as transformers loads it'] / best['as selfalign loads it']:.1f}")
 
 
 def compare_allocators(args: argparse.Namespace) -> None:
