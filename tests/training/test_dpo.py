@@ -84,6 +84,15 @@ def test_dpo_on_an_sft_adapter_uses_a_frozen_copy_of_it(sft_adapter, tiny_model_
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(outputs.adapter))
 
 
+def test_a_loss_type_whose_first_loss_is_not_ln_2_passes_the_check(sft_adapter, tiny_model_dir, module_pairs,
+                                                                     tmp_path):  # fmt: skip
+    """IPO starts at (1 / (2 beta))^2 = 25 with beta 0.1, DPO plus the SFT loss above ln 2: the first-step check reads
+    the implicit rewards, which start at 0 for every loss type."""
+    config = tiny_config(tiny_model_dir, f"dpo.sft_adapter={sft_adapter}", "dpo.trl={loss_type: [ipo]}")
+    first = run_dpo(config, str(module_pairs), tmp_path / "ipo").metrics["train"]["per_step"][0]
+    assert first["loss"] == pytest.approx(25.0, abs=1e-3)
+
+
 def test_a_broken_reference_fails_on_the_first_step(sft_adapter, tiny_model_dir, module_pairs, tmp_path, monkeypatch):
     """Simulate the known failure: the SFT adapter is the policy but the bare base is the reference."""
     import trl.trainer.dpo_trainer as dpo_trainer
@@ -91,22 +100,32 @@ def test_a_broken_reference_fails_on_the_first_step(sft_adapter, tiny_model_dir,
     real_use_adapter = dpo_trainer.use_adapter
     monkeypatch.setattr(dpo_trainer, "use_adapter", lambda model, adapter_name: real_use_adapter(model, None))
     config = tiny_config(tiny_model_dir, f"dpo.sft_adapter={sft_adapter}", "eval_fraction=0")
-    with pytest.raises(SelfAlignError, match=r"DPO's first-step loss is 0\.\d+, not ln 2 = 0\.6931"):
+    with pytest.raises(SelfAlignError, match=r"DPO's first-step implicit rewards are rewards/chosen -?\d"):
         run_dpo(config, str(module_pairs), tmp_path / "out")
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
 @pytest.mark.parametrize(
-    ("step", "loss", "fails"), [(1, 0.6931, False), (1, 0.0004, True), (1, float("nan"), True), (2, 0.0004, False)]
+    ("step", "logs", "fails"),
+    [
+        (1, {"loss": 0.6931}, False),
+        (1, {"loss": 0.0004}, True),
+        (1, {"loss": float("nan")}, True),
+        (2, {"loss": 0.0004}, False),
+        # with rewards logged, they decide, whatever the loss type: IPO's first loss at beta 0.1 is 25
+        (1, {"loss": 25.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}, False),
+        (1, {"loss": 0.6931, "rewards/chosen": 3.2, "rewards/rejected": 2.9}, True),
+        (1, {"loss": 0.6931, "rewards/chosen": float("nan"), "rewards/rejected": 0.0}, True),
+    ],
 )
-def test_the_first_step_loss_check(step, loss, fails):
+def test_the_first_step_check(step, logs, fails):
     check = FirstStepLossCheck(0.1, "base model with the adapter disabled")
     state = SimpleNamespace(global_step=step)
     if fails:
         with pytest.raises(SelfAlignError, match="the reference model, base model with the adapter disabled, is not"):
-            check.on_log(None, state, None, logs={"loss": loss})
+            check.on_log(None, state, None, logs=logs)
     else:
-        check.on_log(None, state, None, logs={"loss": loss})
+        check.on_log(None, state, None, logs=logs)
 
 
 def test_an_adapter_folder_that_is_not_one_is_an_error(tiny_model_dir, module_pairs, tmp_path):

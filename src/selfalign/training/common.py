@@ -210,24 +210,35 @@ def require_examples(trainer: Any, source: str, stage: str, max_length: int) -> 
 
 
 class FirstStepLossCheck(TrainerCallback):
-    """DPO's policy and reference are equal before the first update, so the first step's loss is ln 2 (~0.693).
+    """DPO's policy and reference are equal before the first update, so at the first step the implicit rewards
+    (beta times the log-ratio of policy to reference, which TRL logs as rewards/chosen and rewards/rejected) are 0,
+    whatever the loss type; with sigmoid DPO the loss is then ln 2 (~0.693), which is checked where no rewards are
+    logged.
 
     Anything far from it means the reference is not the starting policy: a loss near 0 from the first step is the
     known symptom of DPO on an unmerged SFT adapter whose reference is the bare base model.
     """
+
+    REWARDS = ("rewards/chosen", "rewards/rejected")
 
     def __init__(self, tolerance: float, reference: str) -> None:
         self.tolerance = tolerance
         self.reference = reference
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if state.global_step != 1 or not logs or "loss" not in logs:
+        if state.global_step != 1 or not logs:
             return
-        loss = float(logs["loss"])
-        if not abs(loss - math.log(2)) <= self.tolerance:  # also catches NaN
+        broken = f"(tolerance dpo.first_step_loss_tolerance={self.tolerance}): the reference model, {self.reference}, "
+        rewards = {name: float(logs[name]) for name in self.REWARDS if name in logs}
+        if rewards:
+            if not all(abs(value) <= self.tolerance for value in rewards.values()):  # also catches NaN
+                found = ", ".join(f"{name} {value:.4f}" for name, value in rewards.items())
+                raise SelfAlignError(f"DPO's first-step implicit rewards are {found}, not 0 {broken}is not the "
+                                     "starting policy")  # fmt: skip
+        elif "loss" in logs and not abs(float(logs["loss"]) - math.log(2)) <= self.tolerance:
             raise SelfAlignError(
-                f"DPO's first-step loss is {loss:.4f}, not ln 2 = 0.6931 (tolerance dpo.first_step_loss_tolerance="
-                f"{self.tolerance}): the reference model, {self.reference}, is not the starting policy"
+                f"DPO's first-step loss is {float(logs['loss']):.4f}, not ln 2 = 0.6931 {broken}is not the starting "
+                "policy"
             )
 
 

@@ -94,8 +94,9 @@ class DPOSettings(MethodSettings):
     first_step_loss_tolerance: float = Field(
         0.1,
         gt=0,
-        description="Fail when the first step's loss is further than this from ln 2: policy and reference start "
-        "equal, so anything else means a broken reference.",
+        description="Fail when the first step's implicit rewards (TRL's rewards/chosen and rewards/rejected) are "
+        "further than this from 0, or, where none are logged, its loss from ln 2: policy and reference start equal, "
+        "so anything else means a broken reference. Holds for every loss type (IPO's first loss is not ln 2).",
     )
 
     @property
