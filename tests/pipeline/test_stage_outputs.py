@@ -47,7 +47,7 @@ def received(monkeypatch):
 
         return train
 
-    def evaluate(config, out_dir):
+    def evaluate(config, out_dir, earlier=()):
         calls.setdefault("evaluate", []).append(config)
         (out_dir / "metrics.json").write_text('{"variants": ["base"]}')
 

@@ -206,8 +206,8 @@ def _evaluate_base_only(monkeypatch):
 
     real = evaluation_run.evaluate
 
-    def evaluate(config, folder):
-        return real(config.model_copy(update={"adapters": {}}), folder)
+    def evaluate(config, folder, earlier=()):
+        return real(config.model_copy(update={"adapters": {}}), folder, earlier)
 
     return evaluate
 
