@@ -112,7 +112,7 @@ INIT_COPIES = ("_vocab", "_merges")
 def tokenizer_from_pretrained(source: str, **kwargs: Any) -> Any:
     """`AutoTokenizer.from_pretrained`, less the Python copies of the vocabulary and merges the backend was built
     from. TRL's tokenizing `map` calls take the tokenizer as an argument, so `datasets` fingerprints it by pickling:
-    with the embedded model's 262,144 words and 514,906 merges as Python objects that took 4.3 s a call; without
+    with the embedded model's 262,144 words and 514,906 merges as Python objects that took 4.5 s a call; without
     them, the backend's serialised state alone (BENCHMARKS.md, "Training")."""
     from transformers import AutoTokenizer
 
