@@ -248,7 +248,7 @@ def run_evaluation(settings: EvaluateConfig, inputs: Inputs, out: Path) -> Evalu
 
     adapters = {name: str(value.adapter) for name, value in inputs.items() if isinstance(value, TrainedAdapter)}
     tuned = only_input(inputs, TunedJudge)
-    earlier = sorted(folder for folder in out.parent.iterdir() if folder.is_dir() and folder != out)
+    earlier = sorted(folder for folder in out.parent.iterdir() if folder.is_dir())  # evaluate() leaves out `out`
     evaluate(with_values(settings, adapters=adapters, judge=tuned.judge if tuned else settings.judge), out, earlier)
     return Evaluation.from_folder(out)
 

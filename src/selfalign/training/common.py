@@ -228,18 +228,15 @@ class FirstStepLossCheck(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if state.global_step != 1 or not logs:
             return
-        broken = f"(tolerance dpo.first_step_loss_tolerance={self.tolerance}): the reference model, {self.reference}, "
+        broken = (f"(tolerance dpo.first_step_loss_tolerance={self.tolerance}): the reference model, "
+                  f"{self.reference}, is not the starting policy")  # fmt: skip
         rewards = {name: float(logs[name]) for name in self.REWARDS if name in logs}
         if rewards:
             if not all(abs(value) <= self.tolerance for value in rewards.values()):  # also catches NaN
                 found = ", ".join(f"{name} {value:.4f}" for name, value in rewards.items())
-                raise SelfAlignError(f"DPO's first-step implicit rewards are {found}, not 0 {broken}is not the "
-                                     "starting policy")  # fmt: skip
+                raise SelfAlignError(f"DPO's first-step implicit rewards are {found}, not 0 {broken}")
         elif "loss" in logs and not abs(float(logs["loss"]) - math.log(2)) <= self.tolerance:
-            raise SelfAlignError(
-                f"DPO's first-step loss is {float(logs['loss']):.4f}, not ln 2 = 0.6931 {broken}is not the starting "
-                "policy"
-            )
+            raise SelfAlignError(f"DPO's first-step loss is {float(logs['loss']):.4f}, not ln 2 = 0.6931 {broken}")
 
 
 def train_and_evaluate(trainer: Any, out: Path, checkpoint: str | None) -> dict[str, Any]:
