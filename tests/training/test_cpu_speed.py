@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from selfalign.training import cpu_speed
-from selfalign.training.cpu_speed import AnswerLogProbs, lm_head_on_answer_positions
+from selfalign.training.common import bf16_matmuls
+from selfalign.training.cpu_speed import AnswerLogProbs, frozen_matmuls_in_bf16, lm_head_on_answer_positions
+from tests.training.conftest import tiny_config
 
 ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -151,3 +153,90 @@ def test_what_answer_log_probs_does_not_cover_goes_to_trls_function(monkeypatch,
     with lm_head_on_answer_positions():  # the same call, none of the three: ours
         trl_utils._ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, 64, None, 1.0, ("log_probs",))
     assert [name for name, _ in seen] == ["ChunkedLogProbFunction", "AnswerLogProbs"]
+
+
+def layers():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "frozen": torch.nn.Linear(16, 8),
+        "trained": torch.nn.Linear(16, 8),
+        "q_proj": torch.nn.ModuleDict({"lora_A": torch.nn.ModuleDict({"default": torch.nn.Linear(16, 8)})}),
+    })  # fmt: skip
+    model["frozen"].requires_grad_(False)
+    model["q_proj"].requires_grad_(False)  # a frozen LoRA layer, as DPO's reference copy of an adapter is
+    return model
+
+
+def in_bf16(layer, x):
+    return torch.nn.functional.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16()).float()
+
+
+def test_frozen_linear_layers_multiply_in_bf16_within_the_block_only():
+    model, x = layers(), torch.randn(5, 16) * 3
+    frozen, trained, lora = model["frozen"], model["trained"], model["q_proj"]["lora_A"]["default"]
+    fp32 = {name: layer(x) for name, layer in (("frozen", frozen), ("trained", trained), ("lora", lora))}
+    assert not torch.equal(in_bf16(frozen, x), fp32["frozen"])  # the two paths are told apart
+    with frozen_matmuls_in_bf16(model) as on:
+        assert on
+        assert torch.equal(frozen(x), in_bf16(frozen, x)) and frozen(x).dtype == torch.float32
+        assert torch.equal(trained(x), fp32["trained"])  # a weight that trains stays fp32
+        assert torch.equal(lora(x), fp32["lora"])  # LoRA's layers are never switched
+        with torch.no_grad():
+            frozen.weight.mul_(2)  # changed in place: the copy is made again
+        assert torch.equal(frozen(x), in_bf16(frozen, x))
+    assert torch.equal(frozen(x), torch.nn.functional.linear(x, frozen.weight, frozen.bias))
+    with pytest.raises(KeyError), frozen_matmuls_in_bf16(model):
+        raise KeyError
+    assert "forward" not in vars(frozen) and cpu_speed._bf16_copies is None
+    with frozen_matmuls_in_bf16(model, enabled=False) as on:
+        assert not on and torch.equal(trained(x), fp32["trained"]) and "forward" not in vars(frozen)
+
+
+def test_gradients_flow_through_a_frozen_bf16_layer_to_what_trains():
+    model, x = layers(), torch.randn(5, 16)
+    net = torch.nn.Sequential(model["trained"], torch.nn.Linear(8, 16).requires_grad_(False))
+    (net(x) ** 2).sum().backward()
+    fp32 = model["trained"].weight.grad.clone()
+    model["trained"].weight.grad = None
+    with frozen_matmuls_in_bf16(net):
+        (net(x) ** 2).sum().backward()
+    assert not torch.equal(model["trained"].weight.grad, fp32)
+    torch.testing.assert_close(model["trained"].weight.grad, fp32, rtol=2e-2, atol=2e-2)
+
+
+def test_a_frozen_lm_head_in_bf16_keeps_each_targets_logit_in_fp32():
+    hidden, weight, _, targets = head_inputs(rows=12, vocab=2000, width=64, bias=False)
+    hidden = (hidden.detach() * 0.2).requires_grad_()  # logits of std ~3, as a language model's
+    weight.requires_grad_(False)
+    args = (targets, 1.0, 64, None, 1.0, ALL_OUTPUTS)
+    exact = AnswerLogProbs.apply(hidden, weight, None, *args)
+    (exact[0].sum() + exact[1].sum()).backward()
+    exact_grad, hidden.grad = hidden.grad.clone(), None
+    with frozen_matmuls_in_bf16(torch.nn.Module()):
+        low = AnswerLogProbs.apply(hidden, weight, None, *args)
+        (low[0].sum() + low[1].sum()).backward()
+    assert not torch.equal(low[0], exact[0])  # the bf16 product ran
+    assert (low[0] <= 0).all()
+    # the normaliser sums logits rounded to 8 significant bits (relative error < 2^-8)
+    torch.testing.assert_close(low[0], exact[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(low[1], exact[1], rtol=0, atol=0.05)  # entropy, a logged metric
+    assert (hidden.grad - exact_grad).norm() < 0.02 * exact_grad.norm()
+    weight.requires_grad_(True)  # a head that trains is multiplied in fp32
+    with frozen_matmuls_in_bf16(torch.nn.Module()):
+        trained = AnswerLogProbs.apply(hidden.detach(), weight, None, *args)
+    assert torch.equal(trained[0], exact[0])
+
+
+@pytest.mark.parametrize(
+    "setting, dtype, cpu_has_bf16, on",
+    [("auto", "auto", True, True), ("auto", "auto", False, False), ("auto", "bfloat16", True, False),
+     ("false", "auto", True, False), ("true", "auto", False, True)],
+)  # fmt: skip
+def test_bf16_matmuls_default_to_cpus_with_bf16_units_and_fp32_models(
+    tmp_path, monkeypatch, setting, dtype, cpu_has_bf16, on
+):
+    from selfalign.models import loading
+
+    monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: cpu_has_bf16)
+    config = tiny_config(tmp_path, f"bf16_matmuls={setting}", f"dtype={dtype}")
+    assert bf16_matmuls(config) is on

@@ -82,6 +82,16 @@ def model_dtype(config: TrainingConfig) -> str:
     return "float32"
 
 
+def bf16_matmuls(config: TrainingConfig) -> bool:
+    """Whether the frozen weights multiply in bf16 (`bf16_matmuls`): auto means an fp32 model trained on a CPU
+    with bf16 units."""
+    if config.bf16_matmuls != "auto":
+        return config.bf16_matmuls
+    from selfalign.models.loading import cpu_supports_bf16
+
+    return not on_cuda(config) and model_dtype(config) == "float32" and not uses_4bit(config) and cpu_supports_bf16()
+
+
 def load_base_model(config: TrainingConfig) -> tuple[LoadedModel, PromptFormat]:
     """The base model, on CPU for the trainer to place (4-bit models load onto this process's GPU), and its format."""
     four_bit = uses_4bit(config)

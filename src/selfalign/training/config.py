@@ -120,8 +120,8 @@ class TrainingConfig(StrictModel):
     system_prompt: str | None = Field(None, description="System message placed before every prompt.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
-        description="auto: bf16 (fp16 where unsupported) on CUDA, fp32 on CPU, where LoRA steps measured no "
-        "faster in bf16.",
+        description="auto: bf16 (fp16 where unsupported) on CUDA, fp32 on CPU, where a bf16 model trained no faster "
+        "and differently (on CPUs with bf16 units, `bf16_matmuls` gets the speed without a bf16 residual stream).",
     )
     quantization: Literal["auto", "4bit", "none"] = Field(
         "auto", description="auto: QLoRA (4-bit NF4 base) when CUDA and bitsandbytes are present, else none."
@@ -144,6 +144,12 @@ class TrainingConfig(StrictModel):
         description="Project through the LM head only at the answer positions the loss reads, on CPU as TRL does on "
         "CUDA, once per step instead of again in the backward (training/cpu_speed.py); the same log-probabilities, a "
         "fraction of the work. False: TRL's choice.",
+    )
+    bf16_matmuls: Literal["auto"] | bool = Field(
+        "auto",
+        description="Multiply by the frozen weights (LoRA's base layers, the LM head) in bf16 on a CPU with bf16 units "
+        "(AMX, AVX-512 BF16), keeping everything else fp32 (training/cpu_speed.py). auto: on where the CPU has them "
+        "and the model is fp32; false: every product in the model's dtype.",
     )
     seed: int = Field(42, ge=0)
 

@@ -1,5 +1,6 @@
-"""What TRL leaves undone on CPU, in one place: the LM head projected only where the loss reads it, and the
-log-probabilities of those rows computed in fewer passes.
+"""What TRL leaves undone on CPU, in one place: the LM head projected only where the loss reads it, the
+log-probabilities of those rows computed in fewer passes, and products with frozen weights in bf16 where the CPU has
+bf16 units.
 
 TRL's trainers (SFT and DPO) compute per-token log-probabilities through a fused, tiled LM head
 (`trl.trainer.utils.add_fused_lm_head`) that never materialises the (batch, length, vocabulary) logits. On CUDA and
@@ -15,6 +16,14 @@ every tile again. A few hundred answer rows' full logits fit in memory, so `Answ
 the softmax for the backward: one elementwise pass and one matrix product instead of the projection done twice.
 The log-probabilities are the same numbers up to summation order (`tests/training/test_cpu_speed.py` checks them
 and their gradients against TRL's, and `benchmarks/training.py` checks the losses).
+
+LoRA training multiplies by frozen weights almost everywhere: the base layers and the LM head. On CPUs with AMX or
+AVX-512 BF16, products of bf16 matrices run 3-4x faster than fp32 ones (`../shared/NOTES.md`), but bf16 throughout
+(the model loaded in bf16, TRL's `bf16=True`) was no faster on 2 cores and trained differently: the bf16 residual
+stream rounds away LoRA's small updates, and autocast casts every frozen weight again at every call.
+`frozen_matmuls_in_bf16` instead multiplies by a bf16 copy of each frozen weight, made once, and keeps everything
+else fp32. Rounding the products' inputs and results to 8 significant bits changes per-step losses by about 1%
+(`benchmarks/training.py --speedups` prints the difference); the setting `bf16_matmuls: false` turns it off.
 """
 
 from __future__ import annotations
@@ -65,6 +74,73 @@ def lm_head_on_answer_positions(enabled: bool = True) -> Iterator[bool]:
         trl_utils._ChunkedLogProbFunction = tiled
 
 
+class Bf16Copies:
+    """bf16 copies of frozen fp32 weights, each made on first use and remade if its weight changes in place."""
+
+    def __init__(self) -> None:
+        self.copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor:
+        found = self.copies.get(id(weight))
+        if found is None or found[0] is not weight or found[1] != weight._version:
+            found = (weight, weight._version, weight.detach().to(torch.bfloat16))
+            self.copies[id(weight)] = found
+        return found[2]
+
+
+_bf16_copies: Bf16Copies | None = None  # set within `frozen_matmuls_in_bf16`
+
+
+def bf16_copy_for(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """The bf16 copy to multiply `x` by instead of `weight`, within `frozen_matmuls_in_bf16` where both are fp32 on
+    CPU, the weight is frozen and no autocast chooses dtypes; else None."""
+    use = (
+        _bf16_copies is not None
+        and not weight.requires_grad
+        and weight.dtype == x.dtype == torch.float32
+        and weight.device.type == x.device.type == "cpu"
+        and not torch.is_autocast_enabled("cpu")
+    )
+    return _bf16_copies.of(weight) if use else None
+
+
+def _bf16_linear_forward(module: torch.nn.Linear, fp32_forward: Any) -> Any:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        low = bf16_copy_for(module.weight, x)
+        if low is None:
+            return fp32_forward(x)
+        bias = None if module.bias is None else module.bias.to(torch.bfloat16)
+        return torch.nn.functional.linear(x.to(torch.bfloat16), low, bias).to(x.dtype)
+
+    return forward
+
+
+@contextlib.contextmanager
+def frozen_matmuls_in_bf16(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]:
+    """Within the block, products with `model`'s frozen fp32 weights run in bf16: its linear layers (LoRA's base
+    layers; LoRA's own layers never) and, in `AnswerLogProbs`, the LM head. On a CPU with AMX or AVX-512 BF16 such a
+    product is 3-4x faster than in fp32. It accumulates in fp32, but its inputs and result are rounded to bf16 (8
+    significant bits); the residual stream, norms, attention, softmax, the LoRA weights and their gradients stay fp32.
+    Yields whether it is on."""
+    global _bf16_copies
+    if not enabled:
+        yield False
+        return
+    swapped = []
+    for name, module in model.named_modules():
+        lora_layer = any(part.startswith("lora_") for part in name.split("."))
+        if type(module) is torch.nn.Linear and not lora_layer and "forward" not in vars(module):
+            module.forward = _bf16_linear_forward(module, module.forward)
+            swapped.append(module)
+    _bf16_copies = Bf16Copies()
+    try:
+        yield True
+    finally:
+        _bf16_copies = None
+        for module in swapped:
+            del module.forward
+
+
 class _OnCpu:
     """Stands in for TRL's `ChunkedLogProbFunction` at its one call site: `AnswerLogProbs` for CPU rows that fit,
     TRL's function for everything else (accelerators, soft-capped logits, autocast, more rows than KEPT_BUDGET)."""
@@ -98,9 +174,13 @@ class AnswerLogProbs(torch.autograd.Function):
         found: dict[str, list[torch.Tensor]] = {name: [] for name in columns}
         probs = []
         rows = max(1, ROWS_BUDGET // weight.shape[0])
+        low = bf16_copy_for(weight, hidden) if bias is None else None  # the LM head's bf16 copy, if it has one
         for start in range(0, hidden.shape[0], rows):
             target = targets[start : start + rows]
-            z = hidden[start : start + rows] @ weight.t()  # in the model's dtype, as TRL's tiles are
+            if low is None:
+                z = hidden[start : start + rows] @ weight.t()  # in the model's dtype, as TRL's tiles are
+            else:
+                z = hidden[start : start + rows].to(torch.bfloat16) @ low.t()
             if bias is not None:
                 z += bias
             z = z.float()
@@ -108,6 +188,8 @@ class AnswerLogProbs(torch.autograd.Function):
                 z.mul_(scale)
             top = z.amax(-1)
             target_z = z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            if low is not None:  # the target's own logit in fp32; only the normaliser then sums rounded logits
+                target_z = torch.linalg.vecdot(hidden[start : start + rows].float(), weight[target].float()) * scale
             if "mean_logits" in outputs:
                 found["mean_logits"].append(z.mean(-1))
             if "is_top1" in outputs:
@@ -116,7 +198,8 @@ class AnswerLogProbs(torch.autograd.Function):
             exp = shifted.exp()
             total = exp.sum(-1)
             log_total = total.log()
-            found["log_probs"].append(target_z - top - log_total)
+            log_probs = target_z - top - log_total
+            found["log_probs"].append(log_probs if low is None else log_probs.clamp_(max=0.0))
             if "entropy" in outputs:  # -sum p log p, with p = exp / total and log p = shifted - log total
                 found["entropy"].append(log_total - torch.linalg.vecdot(exp, shifted) / total)
             del z, shifted
@@ -127,7 +210,7 @@ class AnswerLogProbs(torch.autograd.Function):
                 probs.append(p)
         joined = [torch.cat(found[name]) if found[name] else None for name in columns]
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.probs, ctx.scale, ctx.entropy = probs, scale, joined[1]
+        ctx.probs, ctx.scale, ctx.entropy, ctx.low = probs, scale, joined[1], low
         ctx.mark_non_differentiable(*(x for x in joined[2:] if x is not None))
         return tuple(joined)
 
@@ -155,8 +238,10 @@ class AnswerLogProbs(torch.autograd.Function):
             if grad_z is None:
                 grad_z = torch.zeros_like(p)
             grad_z.mul_(ctx.scale)
-            if grad_hidden is not None:
+            if grad_hidden is not None and ctx.low is None:
                 grad_hidden[start:end] = grad_z.to(weight.dtype) @ weight
+            elif grad_hidden is not None:
+                grad_hidden[start:end] = (grad_z.to(torch.bfloat16) @ ctx.low).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad_z.t() @ hidden[start:end].float()
             if grad_bias is not None:

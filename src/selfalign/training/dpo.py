@@ -15,6 +15,7 @@ from selfalign.errors import SelfAlignError
 from selfalign.training.common import (
     FirstStepLossCheck,
     TrainingOutputs,
+    bf16_matmuls,
     last_checkpoint,
     load_base_model,
     load_split_pairs,
@@ -27,7 +28,7 @@ from selfalign.training.common import (
     trainer_arguments,
 )
 from selfalign.training.config import TrainingConfig
-from selfalign.training.cpu_speed import lm_head_on_answer_positions
+from selfalign.training.cpu_speed import frozen_matmuls_in_bf16, lm_head_on_answer_positions
 from selfalign.training.data import dpo_examples
 
 
@@ -57,7 +58,10 @@ def run_dpo(
     train_set, eval_set, counts = prepare_examples(pairs, to_examples, prompt_format, config, data, out, args, "DPO")
 
     # --- Train (a precomputed reference is computed while the trainer is built, so the LM head switch covers both)
-    with lm_head_on_answer_positions(config.lm_head_answer_only):
+    with (
+        lm_head_on_answer_positions(config.lm_head_answer_only),
+        frozen_matmuls_in_bf16(policy, bf16_matmuls(config)),
+    ):
         trainer = DPOTrainer(
             model=policy,
             args=args,

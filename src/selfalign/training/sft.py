@@ -10,6 +10,7 @@ from typing import Any
 
 from selfalign.training.common import (
     TrainingOutputs,
+    bf16_matmuls,
     last_checkpoint,
     load_base_model,
     load_split_pairs,
@@ -22,7 +23,7 @@ from selfalign.training.common import (
     trainer_arguments,
 )
 from selfalign.training.config import TrainingConfig
-from selfalign.training.cpu_speed import lm_head_on_answer_positions
+from selfalign.training.cpu_speed import frozen_matmuls_in_bf16, lm_head_on_answer_positions
 from selfalign.training.data import sft_examples
 
 
@@ -48,7 +49,10 @@ def run_sft(
     train_set, eval_set, counts = prepare_examples(pairs, to_examples, prompt_format, config, data, out, args, "SFT")
 
     # --- Train: TRL masks the prompt tokens out of the labels (completion_only_loss).
-    with lm_head_on_answer_positions(config.lm_head_answer_only):
+    with (
+        lm_head_on_answer_positions(config.lm_head_answer_only),
+        frozen_matmuls_in_bf16(base.model, bf16_matmuls(config)),
+    ):
         trainer = SFTTrainer(
             model=base.model,
             args=args,
