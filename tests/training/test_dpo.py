@@ -10,7 +10,8 @@ from transformers import AutoTokenizer, TrainerCallback
 
 from selfalign.errors import SelfAlignError
 from selfalign.training.common import FirstStepLossCheck
-from selfalign.training.dpo import run_dpo
+from selfalign.training import dpo
+from selfalign.training.dpo import reference_fingerprint_by_xxhash, run_dpo, weights_fingerprint
 from selfalign.training.sft import run_sft
 from tests.training.conftest import make_pairs, tiny_config, write_pairs
 
@@ -61,9 +62,14 @@ def test_dpo_from_the_base_uses_the_base_as_reference_and_starts_at_ln2(dpo_from
         assert (row["prompt_ids"] + row["chosen_ids"] + row["rejected_ids"]).count(tokenizer.bos_token_id) == 1
 
 
-def test_precomputed_reference_log_probs_give_the_same_losses(dpo_from_base, tiny_model_dir, module_pairs, tmp_path):
+def test_precomputed_reference_log_probs_give_the_same_losses(
+    dpo_from_base, tiny_model_dir, module_pairs, tmp_path, monkeypatch
+):
+    fingerprinted = []
+    monkeypatch.setattr(dpo, "weights_fingerprint", lambda module: fingerprinted.append(module) or "fingerprint")
     config = tiny_config(tiny_model_dir, "dpo.precompute_ref_log_probs=true")
     metrics = run_dpo(config, str(module_pairs), tmp_path / "out").metrics
+    assert len(fingerprinted) == 1  # TRL named its reference cache by our fingerprint, not by its SHA-256
     assert metrics["reference_log_probs"] == "precomputed once"
     plain = dpo_from_base[0].metrics["train"]["per_step"]
     assert [step["loss"] for step in metrics["train"]["per_step"]] == pytest.approx(
@@ -132,3 +138,41 @@ def test_an_adapter_folder_that_is_not_one_is_an_error(tiny_model_dir, module_pa
     config = tiny_config(tiny_model_dir, f"dpo.sft_adapter={tmp_path}")
     with pytest.raises(SelfAlignError, match="dpo.sft_adapter: .* is not a PEFT adapter folder"):
         run_dpo(config, str(module_pairs), tmp_path / "out")
+
+
+def test_the_reference_fingerprint_replaces_trls_hash_within_the_block_only():
+    from trl.trainer import dpo_trainer
+
+    trls = dpo_trainer.hash_module
+    with reference_fingerprint_by_xxhash():
+        assert dpo_trainer.hash_module is weights_fingerprint
+    assert dpo_trainer.hash_module is trls
+    with pytest.raises(RuntimeError), reference_fingerprint_by_xxhash():
+        raise RuntimeError("a failed DPO run")
+    assert dpo_trainer.hash_module is trls
+
+
+def test_the_weights_fingerprint_changes_with_any_weight_and_with_names_not_with_copies():
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False).to(torch.bfloat16))
+    model.register_buffer("mask", torch.tensor([True, False]))
+    fingerprint = weights_fingerprint(model)
+    assert weights_fingerprint(copy.deepcopy(model)) == fingerprint
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed[1].weight[0, 0] += 1  # one bf16 weight
+    assert weights_fingerprint(changed) != fingerprint
+    flipped = copy.deepcopy(model)
+    flipped.mask[1] = True
+    assert weights_fingerprint(flipped) != fingerprint
+    # the same bytes under other names (TRL's hash sees dtypes and bytes only)
+    renamed = torch.nn.Sequential()
+    renamed.add_module("first", copy.deepcopy(model[0]))
+    renamed.add_module("second", copy.deepcopy(model[1]))
+    renamed.register_buffer("mask", model.mask.clone())
+    assert weights_fingerprint(renamed) != fingerprint
+    assert weights_fingerprint(model) == fingerprint  # reading the bytes in place changed nothing

@@ -8,8 +8,12 @@ which, and stops when the first step's loss shows that the reference is not the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from selfalign.errors import SelfAlignError
 from selfalign.training.common import (
@@ -57,10 +61,11 @@ def run_dpo(
 
     train_set, eval_set, counts = prepare_examples(pairs, to_examples, prompt_format, config, data, out, args, "DPO")
 
-    # --- Train (a precomputed reference is computed while the trainer is built, so the LM head switch covers both)
+    # --- Train (a precomputed reference is computed while the trainer is built, so the switches cover both)
     with (
         lm_head_on_answer_positions(config.lm_head_answer_only),
         frozen_matmuls_in_bf16(policy, bf16_matmuls(config)),
+        reference_fingerprint_by_xxhash(),
     ):
         trainer = DPOTrainer(
             model=policy,
@@ -86,6 +91,40 @@ def run_dpo(
         **results,
     }
     return save_outputs(trainer, config, out, metrics, merge)
+
+
+@contextlib.contextmanager
+def reference_fingerprint_by_xxhash() -> Iterator[None]:
+    """Within the block, TRL's DPOTrainer names its cache of precomputed reference log-probabilities by an xxh3-128
+    fingerprint of the reference's weights instead of a SHA-256 of their copied bytes (`trl.trainer.utils.
+    hash_module`): 1.9-2.9 s for the embedded model's 1.1 GB on 2 cores, against 0.25 s, every DPO run. Like
+    `datasets`' own fingerprints, the name needs no cryptographic hash; it only has to change with the weights."""
+    try:
+        from trl.trainer import dpo_trainer
+    except ImportError:  # pragma: no cover - TRL is a dependency
+        yield
+        return
+    sha256_of_copies = getattr(dpo_trainer, "hash_module", None)
+    if sha256_of_copies is None:  # a TRL that names its cache otherwise: nothing to replace
+        yield
+        return
+    dpo_trainer.hash_module = weights_fingerprint
+    try:
+        yield
+    finally:
+        dpo_trainer.hash_module = sha256_of_copies
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """xxh3-128 of every state-dict entry's name, dtype, shape and bytes, read in place (TRL's `hash_module` hashes
+    dtypes and bytes only, and copies each tensor first)."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def load_trainable_adapter(model: Any, folder: str) -> Any:
