@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
 
 from selfalign.errors import SelfAlignError
-from selfalign.training.common import FirstStepLossCheck
 from selfalign.training import dpo
+from selfalign.training.common import FirstStepLossCheck
 from selfalign.training.dpo import reference_fingerprint_by_xxhash, run_dpo, weights_fingerprint
 from selfalign.training.sft import run_sft
 from tests.training.conftest import make_pairs, tiny_config, write_pairs
