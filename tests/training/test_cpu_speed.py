@@ -204,23 +204,32 @@ def test_gradients_flow_through_a_frozen_bf16_layer_to_what_trains():
     torch.testing.assert_close(model["trained"].weight.grad, fp32, rtol=2e-2, atol=2e-2)
 
 
-def test_a_frozen_lm_head_in_bf16_keeps_each_targets_logit_in_fp32():
+@pytest.mark.parametrize("entropy_in_loss", [True, False])  # False: the backward that forms its gradient in bf16
+def test_a_frozen_lm_head_in_bf16_keeps_each_targets_logit_in_fp32(entropy_in_loss):
     hidden, weight, _, targets = head_inputs(rows=12, vocab=2000, width=64, bias=False)
-    hidden = (hidden.detach() * 0.2).requires_grad_()  # logits of std ~3, as a language model's
+    hidden = hidden.detach() * 0.2  # logits of std ~3, as a language model's
+    hidden[0] = weight[targets[0]].detach() * 0.15  # a confident row: p(target) 0.96, where 1 - p must not cancel
+    hidden.requires_grad_()
     weight.requires_grad_(False)
     args = (targets, 1.0, 64, None, 1.0, ALL_OUTPUTS)
+
+    def loss(out):
+        return (out[0] * torch.linspace(-1, 1, len(targets))).sum() + (out[1].sum() if entropy_in_loss else 0)
+
     exact = AnswerLogProbs.apply(hidden, weight, None, *args)
-    (exact[0].sum() + exact[1].sum()).backward()
+    assert -0.05 < exact[0][0] < -0.02
+    loss(exact).backward()
     exact_grad, hidden.grad = hidden.grad.clone(), None
     with frozen_matmuls_in_bf16(torch.nn.Module()):
         low = AnswerLogProbs.apply(hidden, weight, None, *args)
-        (low[0].sum() + low[1].sum()).backward()
+        loss(low).backward()
     assert not torch.equal(low[0], exact[0])  # the bf16 product ran
     assert (low[0] <= 0).all()
     # the normaliser sums logits rounded to 8 significant bits (relative error < 2^-8)
     torch.testing.assert_close(low[0], exact[0], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(low[1], exact[1], rtol=0, atol=0.05)  # entropy, a logged metric
     assert (hidden.grad - exact_grad).norm() < 0.02 * exact_grad.norm()
+    assert (hidden.grad[0] - exact_grad[0]).norm() < 0.02 * exact_grad[0].norm()  # the confident row too
     weight.requires_grad_(True)  # a head that trains is multiplied in fp32
     with frozen_matmuls_in_bf16(torch.nn.Module()):
         trained = AnswerLogProbs.apply(hidden.detach(), weight, None, *args)

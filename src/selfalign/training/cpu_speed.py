@@ -189,13 +189,15 @@ class AnswerLogProbs(torch.autograd.Function):
                 z.mul_(scale)
             top = z.amax(-1)
             target_z = z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            if low is not None:  # the target's own logit in fp32; only the normaliser then sums rounded logits
+            if low is not None:  # the target's own logit in fp32, in the normaliser too; only other words' are rounded
                 target_z = torch.linalg.vecdot(hidden[start : start + rows].float(), weight[target].float()) * scale
             if "mean_logits" in outputs:
                 found["mean_logits"].append(z.mean(-1))
             if "is_top1" in outputs:
                 found["is_top1"].append(first_maximum(z, target, target_z >= top))
             shifted = z.sub_(top.unsqueeze(-1))
+            if low is not None:  # where the target dominates the normaliser, its rounding would be the error
+                shifted.scatter_(-1, target.unsqueeze(-1), (target_z - top).unsqueeze(-1))
             exp = shifted.exp()
             total = exp.sum(-1)
             log_total = total.log()
@@ -212,6 +214,7 @@ class AnswerLogProbs(torch.autograd.Function):
         joined = [torch.cat(found[name]) if found[name] else None for name in columns]
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.probs, ctx.scale, ctx.entropy, ctx.low = probs, scale, joined[1], low
+        ctx.log_probs = joined[0].detach()  # detached: an output held by its own node would be a reference cycle
         ctx.mark_non_differentiable(*(x for x in joined[2:] if x is not None))
         return tuple(joined)
 
@@ -225,8 +228,20 @@ class AnswerLogProbs(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if ctx.needs_input_grad[2] else None
         start = 0
         for p in ctx.probs:
-            p = p.float()  # a copy of a bf16 softmax; p itself otherwise, written over below
             end = start + p.shape[0]
+            only_hidden = grad_hidden is not None and grad_weight is None and grad_bias is None
+            if ctx.low is not None and only_hidden and grad_logprobs is not None and grad_entropy is None:
+                # Only the hidden states' gradient, through the bf16 product: d log p_target / dz = 1[target] - p
+                # formed in bf16 straight from the kept softmax. The target's entry, where 1 - p cancels, is formed
+                # in fp32 from the log-probability returned, and rounded once.
+                g = grad_logprobs[start:end].float().unsqueeze(-1) * ctx.scale
+                grad_z = p.mul(-g.to(torch.bfloat16))
+                at_target = -torch.expm1(ctx.log_probs[start:end].unsqueeze(-1)) * g
+                grad_z.scatter_(-1, targets[start:end].unsqueeze(-1), at_target.to(torch.bfloat16))
+                grad_hidden[start:end] = (grad_z @ ctx.low).to(hidden.dtype)
+                start = end
+                continue
+            p = p.float()  # a copy of a bf16 softmax; p itself otherwise, written over below
             grad_z = None
             if grad_entropy is not None:
                 # d entropy / dz_j = -p_j (log p_j + entropy); first, because the next term is written over p
@@ -249,7 +264,7 @@ class AnswerLogProbs(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad_z.sum(0)
             start = end
-        ctx.probs = None
+        ctx.probs = ctx.log_probs = None
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
