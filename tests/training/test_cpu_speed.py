@@ -192,6 +192,17 @@ def test_frozen_linear_layers_multiply_in_bf16_within_the_block_only():
         assert not on and torch.equal(trained(x), fp32["trained"]) and "forward" not in vars(frozen)
 
 
+def test_a_frozen_bias_is_copied_once_and_a_trained_one_keeps_its_gradient():
+    model, x = layers(), torch.randn(5, 16)
+    frozen = model["frozen"]
+    with frozen_matmuls_in_bf16(model):
+        assert torch.equal(frozen(x), in_bf16(frozen, x))
+        assert id(frozen.bias) in cpu_speed._bf16_copies.copies  # kept for the next call, not cast at each one
+        frozen.bias.requires_grad_(True)  # a frozen weight with a bias that trains (BitFit)
+        frozen(x).sum().backward()
+    assert torch.equal(frozen.bias.grad, torch.full_like(frozen.bias, 5.0))  # d sum / d bias: one per row
+
+
 def test_gradients_flow_through_a_frozen_bf16_layer_to_what_trains():
     model, x = layers(), torch.randn(5, 16)
     net = torch.nn.Sequential(model["trained"], torch.nn.Linear(8, 16).requires_grad_(False))

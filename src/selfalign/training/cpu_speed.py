@@ -110,7 +110,9 @@ def _bf16_linear_forward(module: torch.nn.Linear, fp32_forward: Any) -> Any:
         low = bf16_copy_for(module.weight, x)
         if low is None:
             return fp32_forward(x)
-        bias = None if module.bias is None else module.bias.to(torch.bfloat16)
+        bias = module.bias
+        if bias is not None:  # a frozen bias is copied once, as the weight is; one that trains is cast in the graph
+            bias = bias.to(torch.bfloat16) if bias.requires_grad else _bf16_copies.of(bias)  # type: ignore[union-attr]
         return torch.nn.functional.linear(x.to(torch.bfloat16), low, bias).to(x.dtype)
 
     return forward
