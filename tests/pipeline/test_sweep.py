@@ -200,6 +200,26 @@ def test_the_sweep_command_runs_and_prints_what_each_run_did(tmp_path, ran, monk
     assert "Pareto set: p1 base, p2 base, p2 dpo" in out
 
 
+def test_sweeps_that_share_a_run_folder_keep_their_own_results(tmp_path, ran, monkeypatch, capsys):
+    dev = run_sweep(load_sweep(sweep_file(tmp_path, LEARNING_RATES, "dev.yaml")))
+    report = (dev.folder / "sweep.md").read_text()
+    test_body = "seeds: [0]\nfixed:\n  training.settings.dpo.learning_rate: 1.0e-4\n  evaluation.limit: 5\n"
+    test_file = sweep_file(tmp_path, test_body, "test.yaml")
+    ran.clear()
+    for command in (["--dry-run"], []):  # refused before anything runs, the dry run included
+        code, _, err = run_cli(monkeypatch, capsys, "sweep", str(test_file), *command)
+        assert code == 2 and ran == [] and (dev.folder / "sweep.md").read_text() == report
+        assert f"{test_file}: {dev.folder} holds the results of {tmp_path / 'dev.yaml'}, which this sweep would " \
+               "replace; name another folder (results: NAME in the file, or results=NAME), or remove that one" in err
+    test = run_sweep(load_sweep(test_file, ["results=sweep-test"]))
+    assert ran == ["evaluate", "report"]  # the dev sweep's p2 adapter, from the shared stage cache
+    assert test.folder == tmp_path / "run" / "sweep-test" and (dev.folder / "sweep.md").read_text() == report
+    assert json.loads((test.folder / "sweep.json").read_text())["sweep"] == str(test_file)
+    ran.clear()
+    assert run_sweep(load_sweep(sweep_file(tmp_path, LEARNING_RATES, "dev.yaml"))).folder == dev.folder  # its own
+    assert ran == []
+
+
 # ---- bad input: one-line errors before any stage ----------------------------------------------------------------
 
 
@@ -229,10 +249,14 @@ def test_the_sweep_command_runs_and_prints_what_each_run_did(tmp_path, ran, monk
         ("grid: {rounds: [1]}\npoints: [{rounds: 2}]\n", ":4: give grid or points, not both"),
         ("grid:\n  out: [a, b]\n", ":4: out is the sweep's own"),
         ("seeds: [0, 1]\ngrid:\n  seed: [3]\n", ":5: seed is set for every run by seeds"),
-        ("seed: [0, 1]\n", ":3: unknown key 'seed'; a sweep file has config, out, grid, points, seeds, fixed"),
+        ("seed: [0, 1]\n",
+         ":3: unknown key 'seed'; a sweep file has config, out, results, grid, points, seeds, fixed"),
         ("fixed:\n  evaluation.limit: 0\nseeds: [0]\n",
          ":4: fixed: {demo} (with command-line overrides): invalid value for 'evaluation.limit'"),
         ("", ": nothing to sweep: give grid, points or seeds"),
+        ("seeds: [0]\nresults: dpo\n", ":4: results 'dpo' is not a folder name for OUT: letters, digits, _ and -, "
+         "and none of the stages' folders"),
+        ("seeds: [0]\nresults: ../elsewhere\n", ":4: results '../elsewhere' is not a folder name for OUT"),
         ("grid:\n  rounds: [1]\n  rounds: [2]\n", ":5: invalid YAML: duplicate key 'rounds' (first on line 4)"),
     ],
 )  # fmt: skip

@@ -4,7 +4,8 @@ Each run is exactly `selfalign run CONFIG key=value...` with the point's setting
 one run folder, so the stage cache reuses whatever two runs have in common (tune-judge and preferences when only a
 DPO setting differs). Runs evaluate on the dev splits unless the sweep file names other sets: settings are chosen on
 dev, so that the test splits are still unseen when the chosen setting is reported. Every point and seed is loaded and
-checked before the first stage runs. Results go to OUT/sweep/ (reporting/sweep_report.py).
+checked before the first stage runs. Results go to OUT/sweep/ (reporting/sweep_report.py), or to the folder the
+sweep file names in `results:`, so that two sweeps sharing OUT (a dev sweep and its test run) keep both reports.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydantic import Field, NonNegativeInt, PrivateAttr, ValidationError, Valida
 from selfalign.config import StrictModel, parse_override, read_yaml_mapping
 from selfalign.errors import SelfAlignError
 from selfalign.pipeline.config import RunConfig, load_run_config
+from selfalign.pipeline.engine import STAGE_ORDER
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,13 +39,20 @@ DEV_EVALUATION = {
     "evaluation.helpful": "builtin:helpful:dev",
     "evaluation.capability": "builtin:capability:dev",
 }
-RESULTS_FOLDER = "sweep"  # under the shared run folder, beside the stage folders
+RESULTS_FOLDER = "sweep"  # under the shared run folder, beside the stage folders; a sweep file may name another
+RESULTS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 DOTTED_KEY = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*")
 
 
 class SweepSettings(StrictModel):
     config: str = Field(description="The base run config, e.g. configs/demo.yaml (a path from the current folder).")
-    out: str = Field(description="The run folder every run shares (one stage cache); results go to OUT/sweep/.")
+    out: str = Field(description="The run folder every run shares (one stage cache); results go to OUT/RESULTS/.")
+    results: str = Field(
+        RESULTS_FOLDER,
+        description="The folder under OUT for this sweep's results (sweep.json, sweep.md, tradeoff.png, seeds.md, "
+        "runs/). Sweeps that share OUT, and so its stage cache, need one each: a sweep refuses to replace the results "
+        "of another sweep file.",
+    )
     grid: dict[str, list[Any]] | None = Field(
         None, description="Dotted run-config key -> values; every combination of them is one point."
     )
@@ -184,6 +193,24 @@ def check_sweep(sweep: SweepSettings) -> None:
         raise SelfAlignError(f"{sweep.where('seeds')}: seeds lists {repeated} twice")
     for key in sweep.fixed:
         _check_key(sweep, key, ("fixed", key))
+    if not RESULTS_NAME.fullmatch(sweep.results) or sweep.results in STAGE_ORDER:
+        raise SelfAlignError(f"{sweep.where('results')}: results '{sweep.results}' is not a folder name for OUT: "
+                             "letters, digits, _ and -, and none of the stages' folders")  # fmt: skip
+
+
+def results_folder(sweep: SweepSettings, out: Path) -> Path:
+    """OUT/RESULTS, once it is known not to hold another sweep file's results (sweeps that share OUT share its stage
+    cache, not their reports)."""
+    folder = out / sweep.results
+    try:
+        earlier = json.loads((folder / "sweep.json").read_text(encoding="utf-8")).get("sweep")
+    except (OSError, ValueError, AttributeError):
+        return folder  # nothing there yet, or nothing readable as a sweep's record
+    if isinstance(earlier, str) and Path(earlier).name != Path(sweep.source).name:
+        raise SelfAlignError(f"{sweep.where('results')}: {folder} holds the results of {earlier}, which this sweep "
+                             f"would replace; name another folder (results: NAME in the file, or results=NAME), or "
+                             "remove that one")  # fmt: skip
+    return folder
 
 
 def _check_key(sweep: SweepSettings, key: str, path: tuple) -> None:
@@ -260,6 +287,7 @@ def plan_sweep(sweep: SweepSettings, out: str | Path | None = None) -> list[Swee
     if not base_path.is_file():
         raise SelfAlignError(f"{sweep.where('config')}: run config {base_path} not found (paths are from the current "
                              "folder)")  # fmt: skip
+    results_folder(sweep, Path(out if out is not None else sweep.out))
     out_setting = override_text("out", str(out if out is not None else sweep.out))
     base = _load(sweep, [out_setting], {}, ("config",), "the base config")
     common = [out_setting, *dev_evaluation(base, sweep.fixed),
@@ -310,7 +338,7 @@ def _blame(sweep: SweepSettings, where: dict[str, tuple], path: tuple, label: st
 
 @dataclass
 class SweepResult:
-    folder: Path  # OUT/sweep: sweep.json, sweep.md, tradeoff.png, seeds.md, runs/
+    folder: Path  # OUT/RESULTS: sweep.json, sweep.md, tradeoff.png, seeds.md, runs/
     record: dict  # what sweep.json holds
     failed: list[str]  # names of the runs that stopped with an error
 
@@ -320,13 +348,13 @@ class SweepResult:
 
 
 def run_sweep(sweep: SweepSettings, out: str | Path | None = None) -> SweepResult:
-    """Run every point x seed in OUT (default: the sweep's `out`), then write OUT/sweep/. A run that fails is
+    """Run every point x seed in OUT (default: the sweep's `out`), then write OUT/RESULTS/ (default OUT/sweep/). A run that fails is
     recorded and the others still run; its finished stages stay cached for the rerun."""
     from selfalign.reporting.sweep_report import write_sweep_report
 
     out = Path(out if out is not None else sweep.out)
     runs = plan_sweep(sweep, out)
-    folder = out / RESULTS_FOLDER
+    folder = results_folder(sweep, out)
     records: list[dict] = []
     record: dict = {}
     for number, run in enumerate(runs, start=1):
