@@ -209,8 +209,10 @@ def test_sweeps_that_share_a_run_folder_keep_their_own_results(tmp_path, ran, mo
     for command in (["--dry-run"], []):  # refused before anything runs, the dry run included
         code, _, err = run_cli(monkeypatch, capsys, "sweep", str(test_file), *command)
         assert code == 2 and ran == [] and (dev.folder / "sweep.md").read_text() == report
-        assert f"{test_file}: {dev.folder} holds the results of {tmp_path / 'dev.yaml'}, which this sweep would " \
-               "replace; name another folder (results: NAME in the file, or results=NAME), or remove that one" in err
+        assert (
+            f"{test_file}: {dev.folder} holds the results of {tmp_path / 'dev.yaml'}, which this sweep would "
+            "replace; name another folder (results: NAME in the file, or results=NAME), or remove that one" in err
+        )
     test = run_sweep(load_sweep(test_file, ["results=sweep-test"]))
     assert ran == ["evaluate", "report"]  # the dev sweep's p2 adapter, from the shared stage cache
     assert test.folder == tmp_path / "run" / "sweep-test" and (dev.folder / "sweep.md").read_text() == report

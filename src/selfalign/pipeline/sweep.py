@@ -348,8 +348,8 @@ class SweepResult:
 
 
 def run_sweep(sweep: SweepSettings, out: str | Path | None = None) -> SweepResult:
-    """Run every point x seed in OUT (default: the sweep's `out`), then write OUT/RESULTS/ (default OUT/sweep/). A run that fails is
-    recorded and the others still run; its finished stages stay cached for the rerun."""
+    """Run every point x seed in OUT (default: the sweep's `out`), then write OUT/RESULTS/ (default OUT/sweep/). A
+    run that fails is recorded and the others still run; its finished stages stay cached for the rerun."""
     from selfalign.reporting.sweep_report import write_sweep_report
 
     out = Path(out if out is not None else sweep.out)
