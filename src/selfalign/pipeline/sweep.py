@@ -287,8 +287,9 @@ def plan_sweep(sweep: SweepSettings, out: str | Path | None = None) -> list[Swee
     if not base_path.is_file():
         raise SelfAlignError(f"{sweep.where('config')}: run config {base_path} not found (paths are from the current "
                              "folder)")  # fmt: skip
-    results_folder(sweep, Path(out if out is not None else sweep.out))
-    out_setting = override_text("out", str(out if out is not None else sweep.out))
+    out = Path(out if out is not None else sweep.out)
+    results_folder(sweep, out)
+    out_setting = override_text("out", str(out))
     base = _load(sweep, [out_setting], {}, ("config",), "the base config")
     common = [out_setting, *dev_evaluation(base, sweep.fixed),
               *(override_text(key, value) for key, value in sweep.fixed.items())]  # fmt: skip
@@ -354,7 +355,7 @@ def run_sweep(sweep: SweepSettings, out: str | Path | None = None) -> SweepResul
 
     out = Path(out if out is not None else sweep.out)
     runs = plan_sweep(sweep, out)
-    folder = results_folder(sweep, out)
+    folder = out / sweep.results  # plan_sweep checked that it holds no other sweep file's results
     records: list[dict] = []
     record: dict = {}
     for number, run in enumerate(runs, start=1):

@@ -228,16 +228,19 @@ class AnswerLogProbs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        # Only the hidden states' gradient, through the bf16 product: d log p_target / dz = 1[target] - p is formed
+        # in bf16 straight from the kept softmax, written over it. The target's entry, where 1 - p cancels, is formed
+        # in fp32 from the log-probability returned, and rounded once.
+        only_hidden_in_bf16 = (
+            ctx.low is not None and grad_hidden is not None and grad_weight is None and grad_bias is None
+            and grad_logprobs is not None and grad_entropy is None
+        )  # fmt: skip
         start = 0
         for p in ctx.probs:
             end = start + p.shape[0]
-            only_hidden = grad_hidden is not None and grad_weight is None and grad_bias is None
-            if ctx.low is not None and only_hidden and grad_logprobs is not None and grad_entropy is None:
-                # Only the hidden states' gradient, through the bf16 product: d log p_target / dz = 1[target] - p
-                # formed in bf16 straight from the kept softmax. The target's entry, where 1 - p cancels, is formed
-                # in fp32 from the log-probability returned, and rounded once.
+            if only_hidden_in_bf16:
                 g = grad_logprobs[start:end].float().unsqueeze(-1) * ctx.scale
-                grad_z = p.mul(-g.to(torch.bfloat16))
+                grad_z = p.mul_(-g.to(torch.bfloat16))
                 at_target = -torch.expm1(ctx.log_probs[start:end].unsqueeze(-1)) * g
                 grad_z.scatter_(-1, targets[start:end].unsqueeze(-1), at_target.to(torch.bfloat16))
                 grad_hidden[start:end] = (grad_z @ ctx.low).to(hidden.dtype)

@@ -99,11 +99,8 @@ def reference_fingerprint_by_xxhash() -> Iterator[None]:
     fingerprint of the reference's weights instead of a SHA-256 of their copied bytes (`trl.trainer.utils.
     hash_module`): 1.9-2.9 s for the embedded model's 1.1 GB on 2 cores, against 0.25 s, every DPO run. Like
     `datasets`' own fingerprints, the name needs no cryptographic hash; it only has to change with the weights."""
-    try:
-        from trl.trainer import dpo_trainer
-    except ImportError:  # pragma: no cover - TRL is a dependency
-        yield
-        return
+    from trl.trainer import dpo_trainer
+
     sha256_of_copies = getattr(dpo_trainer, "hash_module", None)
     if sha256_of_copies is None:  # a TRL that names its cache otherwise: nothing to replace
         yield
