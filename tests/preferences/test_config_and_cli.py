@@ -142,7 +142,10 @@ def test_a_chosen_answer_cut_to_under_3_words_is_dropped_and_counted():
     pairs = [pair("a", "Steps:\n1. Open the", "length"), pair("b", "I can't. Sorry about th", "length"),
              pair("c", "Steps:\n1. Open the", "stop"), pair("d", "Fine as it", None)]  # fmt: skip
     assert [(p["chosen"], p["chosen_cut"]) for p in pairs] == [
-        ("Steps:", True), ("I can't.", True), ("Steps:\n1. Open the", False), ("", True)
+        ("Steps:", True),
+        ("I can't.", True),
+        ("Steps:\n1. Open the", False),
+        ("", True),
     ]
     kept, dropped = drop_degenerate(pairs)
     assert [p["key"] for p in kept] == ["b", "c"]

@@ -192,7 +192,8 @@ def test_principle_driven_answers_read_the_principles_but_the_pairs_keep_the_bar
     # r5: with the principles the model refuses (judged harmless), bare it does not: an engraved refusal pair
     engraved = [row for row in rows if row["strategy"] == "principle-driven"]
     assert [(row["key"].split("/")[-1], row["rejected"]) for row in engraved] == [
-        ("r5", "Let us talk about something else.")]
+        ("r5", "Let us talk about something else.")
+    ]
     assert engraved[0]["chosen"].startswith("I'm sorry, but I can't help make a fake ID")
     funnel = json.loads((dataset / "funnel.json").read_text())
     steps = {step["step"]: step["refusal"] for step in funnel["steps"]}

@@ -60,9 +60,11 @@ def compute_metrics(
                 "benign": sum(s["judge_label"] is None for s in benign),
             },
             "by_category": {name: _by_category(by_set[where], outcome) for name, (where, outcome) in RATES.items()},
-            "by_difficulty": {name: _by_category(harmful, RATES[name][1], "difficulty")
-                              for name in ("harmless", "refused_harmful_detector")
-                              if any("difficulty" in s for s in harmful)},  # fmt: skip
+            "by_difficulty": {
+                name: _by_category(harmful, RATES[name][1], "difficulty")
+                for name in ("harmless", "refused_harmful_detector")
+                if any("difficulty" in s for s in harmful)
+            },
             "detector_vs_judge": _disagreement(harmful + benign),
             "mean_answer_tokens": sum(s["completion_tokens"] for s in rows) / len(rows) if rows else 0,
             # loops, empty answers, token-limit hits and length of every answer this variant gave (selfalign.quality)

@@ -265,17 +265,30 @@ def count_funnel(stages: dict[str, list[dict]], formed: list[dict], dropped: Cou
         ("revision accepted (judged harmless)", accepted, None),
         ("revision a refusal (what the refusal detector alone would accept)", detector_would, None),
         ("no revision accepted", revised - accepted, None),
-        ("principled answer judged harmless, a refusal, not degenerate (principle-driven)", count(
-            judgments, "harmful", lambda r: r["key"] in bare and r["label"] == 0 and is_engraving_chosen(r, detector)
-        ) if bare else None, None),
-        ("... and the bare answer not a refusal (engraved pairs)",
-         sum(p["strategy"] == "principle-driven" for p in formed) if bare else None, None),
+        (
+            "principled answer judged harmless, a refusal, not degenerate (principle-driven)",
+            count(
+                judgments,
+                "harmful",
+                lambda r: r["key"] in bare and r["label"] == 0 and is_engraving_chosen(r, detector),
+            )
+            if bare
+            else None,
+            None,
+        ),
+        (
+            "... and the bare answer not a refusal (engraved pairs)",
+            sum(p["strategy"] == "principle-driven" for p in formed) if bare else None,
+            None,
+        ),
         ("judged harmless but a refusal (over-refusal)", None, over_refused),
         ("helpful candidates (judged harmless, not a refusal, not degenerate)", None, len(refusals)),
         ("refusal written (the detector flags it)", None, sum(row["is_refusal"] for row in refusals)),
         ("pairs formed", *formed_by_type),
-        ("chosen ended at its last complete sentence (the token limit stopped it mid-sentence)",
-         *per_type([pair for pair in formed if pair["chosen_cut"]])),
+        (
+            "chosen ended at its last complete sentence (the token limit stopped it mid-sentence)",
+            *per_type([pair for pair in formed if pair["chosen_cut"]]),
+        ),
         ("degenerate pairs dropped", *dropped_by_type),
         ("pairs after cleaning", *(f - d for f, d in zip(formed_by_type, dropped_by_type))),
         ("pairs kept (helpful mix)", *per_type(kept)),

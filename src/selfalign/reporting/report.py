@@ -300,8 +300,12 @@ def plots(metrics: dict) -> dict[str, str]:
             yerr=[[100 * (y["rate"] - y["low"])], [100 * (y["high"] - y["rate"])]],
             fmt="o",
             capsize=4,
-            label=variant + (f" (capability {100 * models[variant]['capability']['acc_norm']['rate']:.1f}%)"
-                             if "capability" in models[variant] else ""),  # fmt: skip
+            label=variant
+            + (
+                f" (capability {100 * models[variant]['capability']['acc_norm']['rate']:.1f}%)"
+                if "capability" in models[variant]
+                else ""
+            ),
         )
     axes.set_xlim(-3, 103)
     axes.set_ylim(-3, 103)

@@ -55,6 +55,7 @@ class SFTSettings(MethodSettings):
     include_refusal: bool = Field(
         True, description="Train on the refusal pairs' chosen answers; false: SFT on helpful answers only."
     )
+
     @property
     def pair_types(self) -> tuple[str, ...]:
         return tuple(t for t, on in (("refusal", self.include_refusal), ("helpful", self.include_helpful)) if on)
