@@ -25,6 +25,7 @@ from selfalign.backends.base import (
     truncate_at_stop,
 )
 from selfalign.backends.language_model import POOLINGS
+from selfalign.backends.packed_linear import pack_linear_layers
 from selfalign.errors import SelfAlignError
 from selfalign.progress import progress_bar
 
@@ -51,6 +52,7 @@ class TransformersBackend:
         self.eos_ids = _eos_token_ids(model, tokenizer)
         self.cache_argument = _cache_argument_name(model)
         _feed_output_projection_contiguous_rows(model)
+        pack_linear_layers(model, batch_size)  # the same outputs, faster products where weights are bf16 on CPU
 
     # ---- generation -------------------------------------------------------------------------------------------
 
@@ -134,6 +136,8 @@ class TransformersBackend:
         self, history: torch.Tensor, prompt_width: int, logits: torch.Tensor, params: GenerationParams,
         processors: Any, generator,
     ) -> torch.Tensor:  # fmt: skip
+        if params.temperature == 0 and not processors and not params.no_repeat_ngram_size:
+            return logits.argmax(dim=-1)  # the token float32 scores would give, without copying 262k logits a row
         scores = logits.float()
         if params.no_repeat_ngram_size:
             from transformers import NoRepeatNGramLogitsProcessor
