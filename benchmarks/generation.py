@@ -32,15 +32,6 @@ and whether the answers are identical.
     python benchmarks/generation.py --adapter [PATH] --prompts 64 --max-new-tokens 48
 
 Last line: ratio=<tok/s with the hook / tok/s without>.
-
-With --packed: the transformers backend with its bf16 linear layers packed for oneDNN (backends/packed_linear.py)
-against the same backend with them unpacked (baseline, named: `F.linear`), the same prompts in the same batches at
-each --batch-sizes, --rounds rounds with the order reversed every other round. Prints tok/s per side and batch size,
-and whether the answers are identical.
-
-    python benchmarks/generation.py --packed --prompts 256 --max-new-tokens 48 --batch-sizes 32 128
-
-Last lines: packed_ratio_b<batch size>=<tok/s packed / unpacked>.
 """
 
 from __future__ import annotations
@@ -214,7 +205,6 @@ def run_adapter(args: argparse.Namespace) -> None:
     """Adapter generation with and without the contiguous-rows hook, in the same run."""
     from selfalign.backends import transformers_backend
     from selfalign.backends.language_model import ModelConfig
-    from selfalign.backends.packed_linear import unpack_linear_layers
     from selfalign.pipeline.engine import format_gb
     from selfalign.pipeline.memory import measure_peak_memory
 
@@ -224,8 +214,6 @@ def run_adapter(args: argparse.Namespace) -> None:
             ModelConfig(model=args.model, adapter=str(adapter), batch_size=args.batch_size)
         )
     backend.show_progress = False
-    # both sides multiply with F.linear, whose matmul path the hook is about (packed layers take neither path)
-    unpack_linear_layers(backend.model)
     prompt_format = get_prompt_format(backend.tokenizer)
     prompts = [prompt_format.render_prompt(p) for p in benchmark_prompts(args.prompts)]
     params = GenerationParams(max_new_tokens=args.max_new_tokens, stop=list(prompt_format.stop))
@@ -251,42 +239,6 @@ def run_adapter(args: argparse.Namespace) -> None:
     print(f"ratio={ours / baseline:.2f}")
 
 
-def run_packed(args: argparse.Namespace) -> None:
-    """Generation with packed and with unpacked linear layers, interleaved, in one process."""
-    from selfalign.backends.packed_linear import pack_linear_layers, unpack_linear_layers
-
-    loaded = load_model(args.model)
-    backend = TransformersBackend(loaded.model, loaded.tokenizer, show_progress=False)
-    prompt_format = get_prompt_format(loaded.tokenizer)
-    prompts = [prompt_format.render_prompt(p) for p in benchmark_prompts(args.prompts)]
-    params = GenerationParams(max_new_tokens=args.max_new_tokens, stop=list(prompt_format.stop))
-    print(f"model={args.model} prompts={len(prompts)} max_new_tokens={params.max_new_tokens} "
-          f"dtype={loaded.model.dtype} rounds={args.rounds}")  # fmt: skip
-    backend.generate(prompts[:2], params.model_copy(update={"max_new_tokens": 4}))  # warm-up
-    sides = {"packed linear layers": pack_linear_layers, "baseline F.linear": unpack_linear_layers}
-    ratios = {}
-    for batch_size in args.batch_sizes:
-        backend.batch_size = batch_size
-        seconds, tokens, texts = dict.fromkeys(sides, 0.0), dict.fromkeys(sides, 0), {}
-        for round_index in range(args.rounds):
-            for label in sides if round_index % 2 == 0 else reversed(list(sides)):
-                sides[label](backend.model)
-                started = time.perf_counter()
-                completions = backend.generate(prompts, params)
-                seconds[label] += time.perf_counter() - started
-                tokens[label] += sum(c.completion_tokens for c in completions)
-                texts[label] = [c.text for c in completions]
-        rates = {label: tokens[label] / seconds[label] for label in sides}
-        for label in sides:
-            print(f"batch {batch_size}, {label}: {tokens[label]} tokens in {seconds[label]:.1f} s = "
-                  f"{rates[label]:.1f} tok/s")  # fmt: skip
-        same = sum(a == b for a, b in zip(*texts.values()))
-        print(f"batch {batch_size}: identical answers {same}/{len(prompts)}")
-        ratios[batch_size] = rates["packed linear layers"] / rates["baseline F.linear"]
-    for batch_size, ratio in ratios.items():
-        print(f"packed_ratio_b{batch_size}={ratio:.2f}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:gemma-3-270m")
@@ -295,16 +247,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--openai", action="store_true", help="The openai backend against llama.cpp's server.")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="With --openai: levels.")
-    parser.add_argument("--rounds", type=int, default=2, help="With --openai or --packed: interleaved rounds.")
+    parser.add_argument("--rounds", type=int, default=2, help="With --openai: runs of every level, interleaved.")
     parser.add_argument("--servers", type=int, default=1, help="With --openai: server replicas.")
     parser.add_argument("--server-threads", type=int, help="With --openai: --n_threads of each server.")
     parser.add_argument("--adapter", nargs="?", const="fresh", help="Adapter generation, with and without the hook.")
-    parser.add_argument("--packed", action="store_true", help="Packed bf16 linear layers against F.linear.")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128], help="With --packed: batch sizes.")
     args = parser.parse_args()
-    if args.packed:
-        run_packed(args)
-        return
     if args.adapter:
         run_adapter(args)
         return

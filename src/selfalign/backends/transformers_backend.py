@@ -25,7 +25,6 @@ from selfalign.backends.base import (
     truncate_at_stop,
 )
 from selfalign.backends.language_model import POOLINGS
-from selfalign.backends.packed_linear import pack_linear_layers
 from selfalign.errors import SelfAlignError
 from selfalign.progress import progress_bar
 
@@ -52,7 +51,6 @@ class TransformersBackend:
         self.eos_ids = _eos_token_ids(model, tokenizer)
         self.cache_argument = _cache_argument_name(model)
         _feed_output_projection_contiguous_rows(model)
-        pack_linear_layers(model, batch_size)  # the same outputs, faster products where weights are bf16 on CPU
 
     # ---- generation -------------------------------------------------------------------------------------------
 
