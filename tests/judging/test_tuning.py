@@ -69,6 +69,15 @@ def test_tune_judge_writes_every_metric_for_every_template_and_mode(model, tmp_p
             assert result["test"]["auroc"] is None
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["best"] == summary["best"]
+    # the times are in timings.json only: results.json, which later stages read, is the same at every rerun
+    assert not any({"seconds_per_item", "tokens_per_item"} & set(r) or "train_seconds" in r["dev"]
+                   for r in on_disk["results"])  # fmt: skip
+    assert [{k: v for k, v in r.items() if k not in ("seconds_per_item", "tokens_per_item")}
+            for r in summary["results"]] == on_disk["results"]  # fmt: skip
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert {name: t["seconds_per_item"] for name, t in timings.items()} == {
+        r["name"]: r["seconds_per_item"] for r in summary["results"]
+    }
     table = (tmp_path / "results.md").read_text()
     assert all(name in table for name in expected) and "(best)" in table
     assert (tmp_path / "results.png").stat().st_size > 1000

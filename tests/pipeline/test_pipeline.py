@@ -51,6 +51,31 @@ def test_changing_one_training_setting_reruns_only_training_evaluation_and_repor
     assert ran == ["sft", "dpo", "evaluate", "report"]
 
 
+def test_a_tune_judge_rerun_that_measured_the_same_keeps_later_stages_cached(tmp_path, ran, monkeypatch):
+    """tune-judge's times (timings.json, and the reports that print them) differ at every run; what later stages
+    read does not, so a rerun of tune-judge alone (its folder lost, or the run killed inside it) reruns nothing else."""
+    import time
+
+    from selfalign.judging.tuning import TIMING_FILES
+
+    judge = stages_module.run_tune_judge
+
+    def timed(settings, inputs, out):
+        tuned = judge(settings, inputs, out)
+        for name in TIMING_FILES:
+            (out / name).write_text(f"{time.perf_counter()} s per item\n")
+        return tuned
+
+    monkeypatch.setattr(stages_module, "run_tune_judge", timed)
+    _, first = run_pipeline(demo(tmp_path))
+    (tmp_path / "run" / "tune-judge").glob("*/stage.json").__next__().unlink()
+    ran.clear()
+    _, second = run_pipeline(demo(tmp_path))
+    assert ran == ["tune-judge"]
+    hashes = [{n: s["output_hash"] for n, s in m["stages"].items()} for m in (first, second)]
+    assert hashes[0] == hashes[1]
+
+
 def test_a_setting_of_one_training_method_leaves_the_other_cached(tmp_path, ran):
     run_pipeline(demo(tmp_path))
     ran.clear()

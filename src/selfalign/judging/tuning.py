@@ -126,7 +126,8 @@ def _balanced_head(rows: list[dict], limit: int) -> list[dict]:
 
 
 def tune_judge(config: TuneJudgeConfig, out_dir: Path, model: LanguageModel | None = None) -> dict:
-    """Run the comparison, write results.json, results.md, results.png, samples.jsonl and judge.yaml."""
+    """Run the comparison, write results.json, timings.json, results.md, results.png, samples.jsonl and judge.yaml;
+    returns the summary with the times (results.json has everything but the times)."""
     dev = load_labeled(config.labeled, config.dev_split, config.limit)
     test = load_labeled(config.labeled, config.test_split, config.limit)
     if config.composite and (dev.sources is None or test.sources is None):
@@ -439,7 +440,9 @@ def write_results(out_dir: Path, config: TuneJudgeConfig, results: list[DesignRe
             for r in results
         ],
     }  # fmt: skip
-    write_text_atomic(out_dir / "results.json", json.dumps(summary, indent=2) + "\n")
+    measured, timings = split_timings(summary)
+    write_text_atomic(out_dir / "results.json", json.dumps(measured, indent=2) + "\n")
+    write_text_atomic(out_dir / TIMINGS, json.dumps(timings, indent=2) + "\n")
     write_text_atomic(out_dir / "results.md", results_table(summary))
     write_text_atomic(out_dir / "judge.yaml", _judge_yaml(best))
     write_jsonl_atomic(
@@ -453,6 +456,30 @@ def write_results(out_dir: Path, config: TuneJudgeConfig, results: list[DesignRe
     )  # fmt: skip
     plot_results(summary, out_dir / "results.png")
     return summary
+
+
+TIMINGS = "timings.json"
+# Files that describe this execution (times, and the reports that print them) rather than what it measured: like
+# stage.json's seconds they stay out of the stage's output hash, so a rerun that measured the same keeps later stages
+# cached. results.json holds everything else, and is what later stages read.
+TIMING_FILES = (TIMINGS, "results.md", "results.png")
+
+
+def split_timings(summary: dict) -> tuple[dict, dict]:
+    """(summary without times, {design: its seconds and tokens per item, and training seconds}): the times vary
+    from run to run; accuracies, thresholds and the choice do not."""
+    measured = {**summary, "results": []}
+    timings = {}
+    for result in summary["results"]:
+        dev = {key: value for key, value in result["dev"].items() if key != "train_seconds"}
+        measured["results"].append(
+            {k: v for k, v in result.items() if k not in ("seconds_per_item", "tokens_per_item")} | {"dev": dev}
+        )
+        timings[result["name"]] = {
+            "seconds_per_item": result["seconds_per_item"], "tokens_per_item": result["tokens_per_item"],
+            **({"train_seconds": result["dev"]["train_seconds"]} if "train_seconds" in result["dev"] else {}),
+        }  # fmt: skip
+    return measured, timings
 
 
 def _judge_yaml(best: DesignResult) -> str:

@@ -18,7 +18,7 @@ import yaml
 from selfalign.config import StrictModel, with_values
 from selfalign.data.jsonl import read_jsonl, write_text_atomic
 from selfalign.evaluation.run import EvaluateConfig
-from selfalign.judging.tuning import TuneJudgeConfig
+from selfalign.judging.tuning import TIMING_FILES, TuneJudgeConfig
 from selfalign.pipeline.config import RunConfig, training_settings
 from selfalign.pipeline.engine import Stage
 from selfalign.pipeline.launcher import LauncherSettings
@@ -54,7 +54,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
         stages.append(
             Stage(
                 "tune-judge", "tune-judge", [], tune.model_dump(mode="json", context=CACHE_KEY),
-                partial(run_tune_judge, tune), TunedJudge.from_folder, unhashed=CHECKPOINTS,
+                partial(run_tune_judge, tune), TunedJudge.from_folder, unhashed=CHECKPOINTS + TIMING_FILES,
             )
         )  # fmt: skip
         judge_inputs = ["tune-judge"] if config.use_tuned_judge else []
