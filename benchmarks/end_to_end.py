@@ -43,7 +43,8 @@ TARGET_GB = 8.0
 def fresh_folder(out: Path | None, part: str) -> Path:
     """A new, empty folder: a benchmark that found cached stages would time the cache."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    folder = out or ROOT / "runs" / "end-to-end" / f"{part}-{stamp}"
+    # absolute: the run is a child process in ROOT, which need not be the folder this command was started in
+    folder = out.resolve() if out else ROOT / "runs" / "end-to-end" / f"{part}-{stamp}"
     if folder.exists() and any(folder.iterdir()):
         sys.exit(f"{folder} is not empty; give a new --out")
     folder.mkdir(parents=True, exist_ok=True)

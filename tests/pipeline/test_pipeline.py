@@ -3,11 +3,13 @@
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from selfalign.errors import SelfAlignError
+from selfalign.judging.tuning import TIMING_FILES
 from selfalign.pipeline import run_pipeline
 from selfalign.pipeline import stages as stages_module
 from selfalign.pipeline.config import load_run_config
@@ -54,10 +56,6 @@ def test_changing_one_training_setting_reruns_only_training_evaluation_and_repor
 def test_a_tune_judge_rerun_that_measured_the_same_keeps_later_stages_cached(tmp_path, ran, monkeypatch):
     """tune-judge's times (timings.json, and the reports that print them) differ at every run; what later stages
     read does not, so a rerun of tune-judge alone (its folder lost, or the run killed inside it) reruns nothing else."""
-    import time
-
-    from selfalign.judging.tuning import TIMING_FILES
-
     judge = stages_module.run_tune_judge
 
     def timed(settings, inputs, out):
@@ -68,7 +66,7 @@ def test_a_tune_judge_rerun_that_measured_the_same_keeps_later_stages_cached(tmp
 
     monkeypatch.setattr(stages_module, "run_tune_judge", timed)
     _, first = run_pipeline(demo(tmp_path))
-    (tmp_path / "run" / "tune-judge").glob("*/stage.json").__next__().unlink()
+    next((tmp_path / "run" / "tune-judge").glob("*/stage.json")).unlink()
     ran.clear()
     _, second = run_pipeline(demo(tmp_path))
     assert ran == ["tune-judge"]
