@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from selfalign.judging.tuning import TIMING_FILES
 from tests.reliability import kill_runner
 from tests.reliability.tally import count
 
@@ -41,7 +42,7 @@ CHILD_TIMEOUT_S = 180
 
 # files that hold timings even in two uninterrupted runs; their deterministic content is checked apart
 VOLATILE = {
-    "tune-judge": {"timings.json", "results.md", "results.png"},  # seconds per item; results.json has none
+    "tune-judge": set(TIMING_FILES),  # seconds per item; results.json has none
     "preferences": {"preferences.json"},
     "sft": {"training/metrics.json", "training/trainer_state.json", "training/training_args.bin",
             "training/eval_before.json"},
@@ -205,7 +206,7 @@ def assert_same_stage_outputs(stage: str, trial_run: Path, reference_run: Path) 
             assert {k: marker[k] for k in ("key", "inputs", "settings")} == {
                 k: expected[k] for k in ("key", "inputs", "settings")
             }
-            if not VOLATILE[stage] or stage == "tune-judge":  # tune-judge's volatile files are outside its hash
+            if VOLATILE[stage] <= set(TIMING_FILES):  # none, or only files the stage keeps out of its hash
                 assert marker["output_hash"] == expected["output_hash"]
         elif relative in VOLATILE[stage]:
             if relative.endswith(".json"):
