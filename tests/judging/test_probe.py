@@ -7,16 +7,18 @@ import torch
 
 from selfalign.backends.language_model import POOLINGS, ModelConfig, load_language_model
 from selfalign.errors import SelfAlignError
-from selfalign.judging.judge import JudgeConfig, build_judge, load_judge_file
+from selfalign.judging.judge import LABEL_CONTINUATIONS, JudgeConfig, TemplateJudge, build_judge, load_judge_file
 from selfalign.judging.probe import (
     MIN_ITEMS_PER_CLASS,
     ProbeJudge,
     _pipeline,
     fit_probe,
+    judge_in_one_pass,
     load_probe,
     save_probe,
     select_probe,
 )
+from selfalign.judging.templates import load_template
 from selfalign.judging.tuning import TuneJudgeConfig, tune_judge
 from tests.judging.separable import HARMFUL, PROMPTS, labeled_items
 from tests.scripted import scripted_model
@@ -68,6 +70,54 @@ def test_hidden_states_of_a_batch_equal_those_of_each_prompt_alone(wide_window_m
         for layer, states in enumerate(reference):
             np.testing.assert_allclose(batched["last"][index, layer], states[0, -1].numpy(), atol=1e-4)
     assert not np.allclose(batched["answer"], batched["prompt"])
+
+
+def test_the_hidden_states_pass_gives_what_scoring_gives_continuations_that_differ_in_their_last_token(model):
+    requests = [f"REQUEST: {p}\nRESPONSE: {r}" for p, r in zip(PROMPTS, HARMFUL * 3)][:6]
+    answers = (HARMFUL * 3)[:6]
+    pooled, scores = model.hidden_states_and_scores(requests, answers, [1], "#answer:", LABEL_CONTINUATIONS)
+    for k, continuation in enumerate(LABEL_CONTINUATIONS):
+        assert [row[k] for row in scores] == model.score(requests, [continuation] * len(requests), "#answer:")
+    np.testing.assert_array_equal(pooled["last"], model.hidden_states(requests, answers, [1], "#answer:")["last"])
+    # continuations of several tokens that differ only in their last: the pass reads on over their shared head
+    encode = model.backend.tokenizer
+    pair = [" the answer 1", " the answer 0"]
+    heads = [encode(c, add_special_tokens=False)["input_ids"][:-1] for c in pair]
+    assert heads[0] == heads[1] and heads[0]
+    pooled_on, scores = model.hidden_states_and_scores(requests, answers, [1], "#answer:", pair)
+    for k, continuation in enumerate(pair):
+        assert [row[k] for row in scores] == model.score(requests, [continuation] * len(requests), "#answer:")
+    np.testing.assert_allclose(pooled_on["last"], pooled["last"], atol=1e-5)  # read before the head's tokens
+    assert model.hidden_states_and_scores(requests, answers, [1], "#answer:", [" 1", " the answer"])[1] is None
+
+
+def _count_passes(model, monkeypatch) -> dict[str, int]:
+    calls = {"score": 0, "hidden_states": 0}
+    for name in calls:
+        method = getattr(model.backend, name)
+
+        def counted(*args, name=name, method=method, **kwargs):
+            calls[name] += 1
+            return method(*args, **kwargs)
+
+        monkeypatch.setattr(model.backend, name, counted)
+    return calls
+
+
+def test_a_probe_and_a_logprob_judge_of_its_template_judge_in_one_pass_as_they_would_apart(model, fitted, monkeypatch):
+    prompts, responses, _ = labeled_items(6, offset=60)
+    sources = ["harmful", "benign"] * 6
+    probe, reader = ProbeJudge(model, fitted.weights), TemplateJudge(model, load_template("one-shot"), "logprob")
+    apart = probe.judge(prompts, responses, sources), reader.judge(prompts, responses)
+    calls = _count_passes(model, monkeypatch)
+    together = judge_in_one_pass(probe, reader, prompts, responses, sources)
+    assert together == apart
+    assert calls == {"score": 0, "hidden_states": 1}
+    other = TemplateJudge(model, load_template("four-shot"), "logprob")  # another prompt: a pass of its own
+    assert judge_in_one_pass(probe, other, prompts, responses, sources) == (
+        apart[0], other.judge(prompts, responses)
+    )  # fmt: skip
+    assert calls == {"score": 2, "hidden_states": 2}
 
 
 def test_probe_separates_two_kinds_of_answer_on_held_out_items(model, fitted):

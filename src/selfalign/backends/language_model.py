@@ -77,10 +77,20 @@ class LanguageModel:
     ) -> dict[Pooling, Any]:  # fmt: skip
         """Pooled hidden states of each rendered request, {pooling: float32 numpy [request, layer, hidden]}, from one
         forward pass; `answers[i]` is the text in request i (its last occurrence) that `answer` pooling averages."""
+        return self.hidden_states_and_scores(requests, answers, layers, answer_prefix)[0]
+
+    def hidden_states_and_scores(
+        self, requests: Sequence[str], answers: Sequence[str], layers: Sequence[int] | None = None,
+        answer_prefix: str = "", continuations: Sequence[str] = (),
+    ) -> tuple[dict[Pooling, Any], list[list[float]] | None]:  # fmt: skip
+        """`hidden_states`, and from the same forward pass what `score` gives each of `continuations` after each
+        request ([request][continuation]); None in place of those where the continuations differ in more than their
+        last token, as one pass reads one next token (score them then)."""
         backend = self._hidden_state_backend()
         rendered = [self.render(request, answer_prefix) for request in requests]
         spans = [_answer_span(text, request, answer) for text, request, answer in zip(rendered, requests, answers)]
-        return backend.hidden_states(rendered, spans, layers)
+        pooled, log_probs = backend.hidden_states(rendered, spans, layers, continuations)
+        return pooled, None if log_probs is None else log_probs.tolist()
 
     @property
     def has_hidden_states(self) -> bool:

@@ -196,15 +196,7 @@ class TransformersBackend:
     ) -> list[list[float]]:
         longest = max(len(target) for unit in targets for _, target in unit)
         logits, _, _, _ = self._prefill([list(ids) for ids in inputs], prefix, logits_to_keep=longest)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        results = []
-        for row, unit in enumerate(targets):
-            row_values = []
-            for _, target in unit:
-                positions = log_probs[row, longest - len(target) :, :]
-                row_values.append(float(positions.gather(-1, torch.tensor(target).unsqueeze(-1)).sum()))
-            results.append(row_values)
-        return results
+        return _summed_log_probs(logits, [[target for _, target in unit] for unit in targets])
 
     # ---- hidden states ----------------------------------------------------------------------------------------
 
@@ -218,9 +210,13 @@ class TransformersBackend:
         return self.model.config.get_text_config().num_hidden_layers + 1
 
     def hidden_states(
-        self, prompts: Sequence[str], spans: Sequence[tuple[int, int] | None], layers: Sequence[int] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Pooled hidden states of each prompt: {pooling: float32 array [prompt, layer, hidden]}, in input order.
+        self, prompts: Sequence[str], spans: Sequence[tuple[int, int] | None], layers: Sequence[int] | None = None,
+        continuations: Sequence[str] = (),
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:  # fmt: skip
+        """Pooled hidden states of each prompt: {pooling: float32 array [prompt, layer, hidden]}, in input order; and,
+        read off the same pass's last logits, log P(continuation | prompt) for each of `continuations`, [prompt,
+        continuation] (what `score` gives them), or None where they differ in more than their last token. Their
+        shared tokens before that one (Gemma's "▁" of " 1" and " 0") are read too, after the poolings' positions.
 
         Poolings, all read from one forward pass: `last` (the last token, where the next-token prediction is read),
         `answer` (mean over the tokens overlapping the character span `spans[i]`, e.g. the answer a judge reads; the
@@ -241,28 +237,42 @@ class TransformersBackend:
             for p in prompts
         ]
         ids = [e["input_ids"] for e in encoded]
+        targets = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        head = targets[0][:-1] if targets else []  # " 1" is "▁", "1" for Gemma: the pass reads on over "▁"
+        scored = bool(targets) and all(t and t[:-1] == head for t in targets)
+        if scored:
+            ids = [sequence + head for sequence in ids]  # as `score` lays out its units; poolings stop before
         order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
         prefix = self._shared_prefix([ids[i] for i in order], with_hidden_states=True)
         pooled = {name: np.zeros((len(prompts), len(chosen), self.hidden_size), np.float32) for name in POOLINGS}
+        log_probs = np.zeros((len(prompts), len(targets))) if scored else None
         with progress_bar("reading hidden states", total=len(prompts), enabled=self.show_progress, unit="seq") as bar:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
-                for index, states in zip(batch, self._hidden_batch([ids[i] for i in batch], prefix, chosen)):
+                states, batch_log_probs = self._hidden_batch([ids[i] for i in batch], prefix, chosen,
+                                                             targets if scored else None)  # fmt: skip
+                for row, index in enumerate(batch):
                     for name, positions in _pooling_positions(encoded[index], spans[index]).items():
-                        pooled[name][index] = states[:, positions, :].mean(dim=1).numpy()
+                        pooled[name][index] = states[row][:, positions, :].mean(dim=1).numpy()
+                    if log_probs is not None:
+                        log_probs[index] = batch_log_probs[row]
                 bar.advance(len(batch))
-        return pooled
+        return pooled, log_probs
 
     @torch.inference_mode()
     def _hidden_batch(
-        self, sequences: list[list[int]], prefix: SharedPrefix | None, layers: list[int]
-    ) -> list[torch.Tensor]:
-        """Per sequence, float32 [layer, token, hidden] over all its tokens (the shared prefix's included)."""
+        self, sequences: list[list[int]], prefix: SharedPrefix | None, layers: list[int],
+        targets: list[list[int]] | None = None,
+    ) -> tuple[list[torch.Tensor], list[list[float]] | None]:  # fmt: skip
+        """Per sequence, float32 [layer, token, hidden] over all its tokens (the shared prefix's included); and, for
+        `targets` that the sequences end with all but the last token of, their summed log-probabilities after each
+        sequence, [sequence][target], as `_score_batch` computes them (with the same prefill)."""
         input_ids, full_mask, position_ids, cache = self._prefill_inputs(sequences, prefix)
         output = self.model(
-            input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids, use_cache=prefix is not None,
-            logits_to_keep=1, output_hidden_states=True, **({self.cache_argument: cache} if prefix else {}),
+            input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids, use_cache=True,
+            logits_to_keep=len(targets[0]) if targets else 1, output_hidden_states=True, **{self.cache_argument: cache},
         )  # fmt: skip
+        log_probs = _summed_log_probs(output.logits, [targets] * len(sequences)) if targets else None
         shared = prefix.length if prefix else 0
         rows = []
         for row, sequence in enumerate(sequences):
@@ -274,7 +284,7 @@ class TransformersBackend:
                     states = torch.cat([prefix.hidden_states[layer][0], states])
                 per_layer.append(states.float().cpu())  # pool in float32, whatever the model's dtype
             rows.append(torch.stack(per_layer))
-        return rows
+        return rows, log_probs
 
     # ---- shared prompt prefixes ---------------------------------------------------------------------------------
 
@@ -354,6 +364,21 @@ class TransformersBackend:
                 ids[row, width - len(sequence) :] = torch.tensor(sequence)
                 mask[row, width - len(sequence) :] = 1
         return ids.to(self.device), mask.to(self.device)
+
+
+def _summed_log_probs(logits: torch.Tensor, targets: list[list[list[int]]]) -> list[list[float]]:
+    """Per row, the summed log-probability of each of its targets (token ids), read off the row's last logits: a
+    target of k tokens takes the last k positions."""
+    longest = logits.shape[1]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    results = []
+    for row, row_targets in enumerate(targets):
+        row_values = []
+        for target in row_targets:
+            positions = log_probs[row, longest - len(target) :, :]
+            row_values.append(float(positions.gather(-1, torch.tensor(target).unsqueeze(-1)).sum()))
+        results.append(row_values)
+    return results
 
 
 def _pooling_positions(encoding: Any, span: tuple[int, int] | None) -> dict[str, list[int]]:

@@ -40,6 +40,7 @@ from selfalign.evaluation.metrics import compute_metrics
 from selfalign.evaluation.pairwise import PairwiseTemplateName, compare_answers
 from selfalign.evaluation.refusal_classes import detector_class, judge_classes
 from selfalign.judging.judge import JudgeConfig, build_judge
+from selfalign.judging.probe import judge_in_one_pass
 from selfalign.judging.refusal import RefusalDetector
 from selfalign.judging.templates import JudgeTemplateName
 from selfalign.models.adapter_files import adapter_digest
@@ -399,8 +400,8 @@ def judge_answers(
     def work(chunk: list[dict]) -> list[dict]:
         judged = [a for a in chunk if a["set"] != "helpful"]
         prompts, responses = [a["prompt"] for a in judged], [a["answer"] for a in judged]
-        harm = iter(harm_judge.judge(prompts, responses, [a["source"] for a in judged]))
-        complies = iter(complies_judge.judge(prompts, responses))
+        sources = [a["source"] for a in judged]  # the harm judge's; the complies judge says whether it complied
+        harm, complies = map(iter, judge_in_one_pass(harm_judge, complies_judge, prompts, responses, sources))
         benign = [a for a in chunk if a["set"] == "benign"]
         classes = iter(judge_classes(judge_model, [a["prompt"] for a in benign], [a["answer"] for a in benign]))
         rows = []

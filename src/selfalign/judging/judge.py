@@ -154,9 +154,24 @@ class TemplateJudge:
         started = time.perf_counter()
         judgments = self._generate(texts) if self.mode == "generate" else self._logprob(texts)
         elapsed = time.perf_counter() - started
-        self.stats.items += len(texts)
         self.stats.seconds += elapsed
         self.stats.per_call.append(elapsed)
+        return self._as_harm(judgments, sources)
+
+    def judge_from_label_scores(
+        self, prompts: Sequence[str], responses: Sequence[str], sources: Sequence[Source] | None,
+        label_scores: Sequence[Sequence[float]],
+    ) -> list[Judgment]:  # fmt: skip
+        """The logprob verdicts `judge` would give, from log P(' 1') and log P(' 0') after each judge prompt that
+        another reader of the same prompts computed (the probe's forward pass: `judge_in_one_pass`)."""
+        _check_lengths(prompts, responses, sources)
+        if self.mode != "logprob" or len(label_scores) != len(prompts):
+            raise SelfAlignError(f"{self.name}: label scores are read in logprob mode, one pair per item")
+        texts = render_judge_prompts(self.template, prompts, responses)
+        return self._as_harm(self._label(texts, label_scores), sources)
+
+    def _as_harm(self, judgments: list[Judgment], sources: Sequence[Source] | None) -> list[Judgment]:
+        self.stats.items += len(judgments)
         if self.template.verdict == "complies":
             judgments = [_complies_to_harmful(j, s) for j, s in zip(judgments, sources or [None] * len(judgments))]
         return judgments
@@ -176,10 +191,15 @@ class TemplateJudge:
         prefix = self.template.response_prefix
         one, zero = LABEL_CONTINUATIONS
         scores = self.model.score([*texts, *texts], [one] * len(texts) + [zero] * len(texts), answer_prefix=prefix)
+        return self._label(texts, list(zip(scores[: len(texts)], scores[len(texts) :])))
+
+    def _label(self, texts: list[str], label_scores: Sequence[Sequence[float]]) -> list[Judgment]:
+        """Verdicts from log P(' 1') and log P(' 0') after each rendered judge prompt."""
+        prefix = self.template.response_prefix
         counted = [self.model.count_tokens(self.model.render(t, prefix)) for t in texts]
         self.stats.tokens += sum(c or 0 for c in counted)
         judgments = []
-        for log_one, log_zero in zip(scores[: len(texts)], scores[len(texts) :]):
+        for log_one, log_zero in label_scores:
             mass = math.exp(log_one) + math.exp(log_zero)
             p_one = 1.0 / (1.0 + math.exp(log_zero - log_one))
             raw = f"P(' 1')={math.exp(log_one):.4g} P(' 0')={math.exp(log_zero):.4g}"

@@ -26,7 +26,17 @@ from selfalign.backends.language_model import LanguageModel, Pooling
 from selfalign.config import StrictModel, format_validation_error
 from selfalign.data.jsonl import write_text_atomic
 from selfalign.errors import SelfAlignError
-from selfalign.judging.judge import JudgeConfig, JudgeStats, Judgment, Source, _check_lengths, render_judge_prompts
+from selfalign.judging.judge import (
+    LABEL_CONTINUATIONS,
+    Judge,
+    JudgeConfig,
+    JudgeStats,
+    Judgment,
+    Source,
+    TemplateJudge,
+    _check_lengths,
+    render_judge_prompts,
+)
 from selfalign.judging.templates import JudgeTemplate, load_template
 
 logger = logging.getLogger(__name__)
@@ -242,13 +252,29 @@ class ProbeJudge:
     def judge(
         self, prompts: Sequence[str], responses: Sequence[str], sources: Sequence[Source] | None = None
     ) -> list[Judgment]:
+        return self.judge_and_score(prompts, responses, sources)[0]
+
+    def reads_as(self, other: Judge) -> bool:
+        """Whether `other` reads this probe's judge prompts on the same model by its label tokens' log-probabilities,
+        so one forward pass serves both (`judge_in_one_pass`): the demo's probe, fitted on `complies`, and the
+        evaluation's complies judge."""
+        return (isinstance(other, TemplateJudge) and other.mode == "logprob" and other.model is self.model
+                and other.template == self.template)  # fmt: skip
+
+    def judge_and_score(
+        self, prompts: Sequence[str], responses: Sequence[str], sources: Sequence[Source] | None,
+        continuations: Sequence[str] = (),
+    ) -> tuple[list[Judgment], list[list[float]] | None]:  # fmt: skip
+        """The probe's judgments, and what `score` gives `continuations` after each judge prompt, from one pass."""
         _check_lengths(prompts, responses, sources)
         if not prompts:
-            return []
+            return [], []
         prefix = self.template.response_prefix
         texts = render_judge_prompts(self.template, prompts, responses)
         started = time.perf_counter()
-        pooled = self.model.hidden_states(texts, responses, [self.weights.layer], answer_prefix=prefix)
+        pooled, scores = self.model.hidden_states_and_scores(
+            texts, responses, [self.weights.layer], prefix, continuations
+        )
         probabilities = self.weights.probabilities(pooled[self.weights.pooling][:, 0])
         elapsed = time.perf_counter() - started
         self.stats.items += len(texts)
@@ -256,5 +282,22 @@ class ProbeJudge:
         self.stats.per_call.append(elapsed)
         self.stats.tokens += sum(self.model.count_tokens(self.model.render(t, prefix)) or 0 for t in texts)
         where = f"layer {self.weights.layer}, {self.weights.pooling} pooling"
-        return [Judgment(int(p >= self.threshold), float(p), "", f"probe P(harmful)={p:.4g} ({where})")
-                for p in probabilities]  # fmt: skip
+        judgments = [Judgment(int(p >= self.threshold), float(p), "", f"probe P(harmful)={p:.4g} ({where})")
+                     for p in probabilities]  # fmt: skip
+        return judgments, scores
+
+
+def judge_in_one_pass(
+    first: Judge, second: Judge, prompts: Sequence[str], responses: Sequence[str],
+    first_sources: Sequence[Source] | None = None, second_sources: Sequence[Source] | None = None,
+) -> tuple[list[Judgment], list[Judgment]]:  # fmt: skip
+    """`first.judge(prompts, responses, first_sources)` and the same of `second`: from one forward pass where `first`
+    is a probe that `second` reads as (`ProbeJudge.reads_as`: the same judge prompts, read by log-probability), else
+    each from its own. The evaluation's harm judge and complies judge are such a pair in the demo, where they were
+    two passes over the same text."""
+    if isinstance(first, ProbeJudge) and first.reads_as(second):
+        judgments, label_scores = first.judge_and_score(prompts, responses, first_sources, LABEL_CONTINUATIONS)
+        if label_scores is not None:  # else a label is more than one token here: scored below
+            return judgments, second.judge_from_label_scores(prompts, responses, second_sources, label_scores)
+        return judgments, second.judge(prompts, responses, second_sources)
+    return first.judge(prompts, responses, first_sources), second.judge(prompts, responses, second_sources)
