@@ -186,3 +186,17 @@ def test_shared_prefix_gives_the_same_scores_and_completions(wide_window_model):
             completion.text
             == loaded.tokenizer.decode(reference_greedy(loaded, prompt, 10), skip_special_tokens=True).strip()
         )
+
+
+def test_greedy_choice_is_argmax_s_first_maximum_in_bf16_and_float32():
+    import torch
+
+    from selfalign.backends.transformers_backend import _first_max
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        # few distinct values over a 262k-word row: every row has ties for its maximum, far apart
+        scores = torch.randint(0, 5, (16, 262_144), generator=generator).to(dtype)
+        scores[:, 7] = scores[:, 200_000] = 9
+        assert torch.equal(_first_max(scores), scores.argmax(dim=-1))
+        assert _first_max(scores).tolist() == [7] * 16
