@@ -13,6 +13,8 @@ from selfalign.judging.tuning import TIMING_FILES
 from selfalign.pipeline import run_pipeline
 from selfalign.pipeline import stages as stages_module
 from selfalign.pipeline.config import load_run_config
+from selfalign.pipeline.outputs import ADAPTER
+from selfalign.training.config import RUN_RECORDS
 from tests.pipeline.stand_ins import replace_stages
 
 
@@ -72,6 +74,34 @@ def test_a_tune_judge_rerun_that_measured_the_same_keeps_later_stages_cached(tmp
     assert ran == ["tune-judge"]
     hashes = [{n: s["output_hash"] for n, s in m["stages"].items()} for m in (first, second)]
     assert hashes[0] == hashes[1]
+
+
+def test_a_training_rerun_that_trained_the_same_adapter_keeps_later_stages_cached(tmp_path, ran, monkeypatch):
+    """A training run's records of itself (times in metrics.json, TRL's log history, its pickled arguments) differ at
+    every run; the adapter does not, so a rerun of SFT alone reruns neither DPO nor the evaluation."""
+    train, weights = stages_module.run_sft, [b"trained"]
+
+    def timed(settings, inputs, out):
+        trained = train(settings, inputs, out)
+        (out / ADAPTER).mkdir(exist_ok=True)
+        (out / ADAPTER / "adapter_model.safetensors").write_bytes(weights[0])
+        for name in RUN_RECORDS:
+            (out / ADAPTER / name).write_text(f'{{"runtime_s": {time.perf_counter()}}}\n')
+        return trained
+
+    monkeypatch.setattr(stages_module, "run_sft", timed)
+    _, first = run_pipeline(demo(tmp_path))
+    next((tmp_path / "run" / "sft").glob("*/stage.json")).unlink()
+    ran.clear()
+    _, second = run_pipeline(demo(tmp_path))
+    assert ran == ["sft"]
+    hashes = [{n: s["output_hash"] for n, s in m["stages"].items()} for m in (first, second)]
+    assert hashes[0] == hashes[1]
+    weights[0] = b"trained otherwise"  # a rerun that trained another adapter reruns what follows
+    next((tmp_path / "run" / "sft").glob("*/stage.json")).unlink()
+    ran.clear()
+    run_pipeline(demo(tmp_path))
+    assert ran == ["sft", "dpo", "evaluate", "report"]
 
 
 def test_a_setting_of_one_training_method_leaves_the_other_cached(tmp_path, ran):

@@ -33,12 +33,14 @@ from selfalign.pipeline.outputs import (
 )
 from selfalign.preferences.config import PreferencesConfig
 from selfalign.preferences.pipeline import WORKING_FILES as PREFERENCES_WORKING_FILES
+from selfalign.training.config import RUN_RECORDS as TRAINING_RUN_RECORDS
 from selfalign.training.config import TrainingConfig
 
 # Stage settings are dumped for cache keys with this context: model options that cannot change an output (servers,
 # concurrency, retries) are left out, so adding a server reruns nothing.
 CACHE_KEY = {"cache_key": True}
 CHECKPOINTS = ("*checkpoint-*",)  # what training writes to resume from: not part of a stage's output
+TRAINING_UNHASHED = CHECKPOINTS + tuple(f"{ADAPTER}/{name}" for name in TRAINING_RUN_RECORDS)
 
 Inputs = dict[str, StageOutputs]  # the outputs of the stages a stage reads, by stage name
 OutputsT = TypeVar("OutputsT", TunedJudge, PreferenceDataset, TrainedAdapter, Evaluation, RunReport)
@@ -100,7 +102,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     partial(run_sft, TrainingStageSettings(training=config.training_config, launcher=launcher)),
                     TrainedAdapter.from_folder,
                     count_training_tokens,
-                    unhashed=CHECKPOINTS,
+                    unhashed=TRAINING_UNHASHED,
                 )
             )
             adapters.append("sft")
@@ -116,7 +118,7 @@ def plan_stages(config: RunConfig) -> list[Stage]:
                     partial(run_dpo, TrainingStageSettings(training=config.training_config, launcher=launcher)),
                     TrainedAdapter.from_folder,
                     count_training_tokens,
-                    unhashed=CHECKPOINTS,
+                    unhashed=TRAINING_UNHASHED,
                 )
             )
             adapters.append(name)

@@ -21,6 +21,7 @@ from selfalign.errors import SelfAlignError
 from selfalign.models.formats import PromptFormat, get_prompt_format
 from selfalign.models.loading import LoadedModel, load_model
 from selfalign.training.config import (
+    EVAL_BEFORE,
     TRL_FIELDS,
     TRL_METHOD_FIELDS,
     DPOSettings,
@@ -33,7 +34,6 @@ from selfalign.training.data import check_prompts_fit, load_pairs, split_pairs, 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-EVAL_BEFORE = "eval_before.json"
 
 
 @dataclass

@@ -18,6 +18,12 @@ from selfalign.errors import SelfAlignError
 from selfalign.models.references import DEFAULT_MODEL
 
 REFERENCE_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EVAL_BEFORE = "eval_before.json"  # the eval split's metrics before the first step, kept for a resumed run
+# What a training run writes about itself rather than what it trained: times (metrics.json's runtime_s and tokens_per_s,
+# TRL's log history in trainer_state.json, eval_before.json's eval_runtime) and TRL's pickled arguments. `selfalign
+# run` keeps them out of a training stage's output hash, as stage.json's seconds: a rerun that trained the same
+# adapter (its folder lost, or the run killed inside it) keeps the later stages cached.
+RUN_RECORDS = ("metrics.json", "trainer_state.json", "training_args.bin", EVAL_BEFORE)
 
 
 class LoraSettings(StrictModel):
