@@ -32,6 +32,15 @@ and whether the answers are identical.
     python benchmarks/generation.py --adapter [PATH] --prompts 64 --max-new-tokens 48
 
 Last line: ratio=<tok/s with the hook / tok/s without>.
+
+With --greedy-choice [--adapter PATH]: the transformers backend's greedy choice of the next token, each row's first
+maximum by `max(dim).indices`, against `argmax` over the same bf16 logits (baseline, named: what the backend did
+before), in alternating rounds (--rounds) on the same prompts and batches; prints tok/s of each and whether the
+answers are identical (they must be: both take the first maximum).
+
+    python benchmarks/generation.py --greedy-choice --prompts 96 --max-new-tokens 48 [--adapter PATH]
+
+Last line: ratio=<tok/s with max(dim).indices / tok/s with argmax>.
 """
 
 from __future__ import annotations
@@ -201,17 +210,18 @@ def fresh_adapter(model_ref: str, folder: Path) -> Path:
     return folder
 
 
-def run_adapter(args: argparse.Namespace) -> None:
-    """Adapter generation with and without the contiguous-rows hook, in the same run."""
+def loaded_backend(args: argparse.Namespace) -> tuple[TransformersBackend, list[str], GenerationParams]:
+    """The transformers backend as `selfalign evaluate` loads a variant (with --adapter, through it; `fresh`: a new
+    r=16 adapter), warmed up, and the rendered prompts and greedy settings to answer them with."""
     from selfalign.backends import transformers_backend
     from selfalign.backends.language_model import ModelConfig
-    from selfalign.pipeline.engine import format_gb
-    from selfalign.pipeline.memory import measure_peak_memory
 
     with tempfile.TemporaryDirectory() as scratch:
-        adapter = Path(args.adapter) if args.adapter != "fresh" else fresh_adapter(args.model, Path(scratch))
+        adapter = args.adapter
+        if adapter == "fresh":
+            adapter = str(fresh_adapter(args.model, Path(scratch)))
         backend = transformers_backend.create_transformers_backend(
-            ModelConfig(model=args.model, adapter=str(adapter), batch_size=args.batch_size)
+            ModelConfig(model=args.model, adapter=adapter, batch_size=args.batch_size)
         )
     backend.show_progress = False
     prompt_format = get_prompt_format(backend.tokenizer)
@@ -220,16 +230,34 @@ def run_adapter(args: argparse.Namespace) -> None:
     print(f"model={args.model} adapter={args.adapter} prompts={len(prompts)} batch_size={args.batch_size} "
           f"max_new_tokens={params.max_new_tokens} dtype={next(backend.model.parameters()).dtype}")  # fmt: skip
     backend.generate(prompts[:2], params.model_copy(update={"max_new_tokens": 4}))  # warm-up
+    return backend, prompts, params
+
+
+def measured_generation(
+    backend: TransformersBackend, prompts: list[str], params: GenerationParams, label: str
+) -> tuple[float, list[str]]:
+    """tok/s of one `generate` over the prompts (printed with its peak resident memory), and the answers."""
+    from selfalign.pipeline.engine import format_gb
+    from selfalign.pipeline.memory import measure_peak_memory
+
+    started = time.perf_counter()
+    with measure_peak_memory() as memory:
+        completions = backend.generate(prompts, params)
+    seconds = time.perf_counter() - started
+    tokens = sum(c.completion_tokens for c in completions)
+    print(f"{label}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tok/s, "
+          f"peak resident memory {format_gb(memory.record['peak_rss_kb'])}")  # fmt: skip
+    return tokens / seconds, [c.text for c in completions]
+
+
+def run_adapter(args: argparse.Namespace) -> None:
+    """Adapter generation with and without the contiguous-rows hook, in the same run."""
+    from selfalign.backends import transformers_backend
+
+    backend, prompts, params = loaded_backend(args)
 
     def measured(label: str) -> tuple[float, list[str]]:
-        started = time.perf_counter()
-        with measure_peak_memory() as memory:
-            completions = backend.generate(prompts, params)
-        seconds = time.perf_counter() - started
-        tokens = sum(c.completion_tokens for c in completions)
-        print(f"{label}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tok/s, "
-              f"peak resident memory {format_gb(memory.record['peak_rss_kb'])}")  # fmt: skip
-        return tokens / seconds, [c.text for c in completions]
+        return measured_generation(backend, prompts, params, label)
 
     ours, our_texts = measured("selfalign backend (contiguous rows into the output projection)")
     getattr(backend.model.get_output_embeddings(), transformers_backend.CONTIGUOUS_ROWS_HOOK).remove()
@@ -237,6 +265,33 @@ def run_adapter(args: argparse.Namespace) -> None:
     same = sum(a == b for a, b in zip(our_texts, baseline_texts))
     print(f"identical answers: {same}/{len(prompts)}")
     print(f"ratio={ours / baseline:.2f}")
+
+
+def run_greedy_choice(args: argparse.Namespace) -> None:
+    """The greedy choice by max(dim).indices against argmax, alternating, in the same run."""
+    from selfalign.backends import transformers_backend
+
+    backend, prompts, params = loaded_backend(args)
+    ours = transformers_backend._first_max
+    choices = {
+        "selfalign backend (first maximum by max(dim).indices)": ours,
+        "baseline (argmax)": lambda scores: scores.argmax(dim=-1),
+    }
+    rates: dict[str, list[float]] = {label: [] for label in choices}
+    answers: dict[str, list[str]] = {}
+    for round_number in range(args.rounds):
+        for label, choose in choices.items() if round_number % 2 == 0 else reversed(choices.items()):
+            transformers_backend._first_max = choose
+            try:
+                rate, answers[label] = measured_generation(backend, prompts, params, label)
+            finally:
+                transformers_backend._first_max = ours
+            rates[label].append(rate)
+    first, baseline = (sum(values) / len(values) for values in rates.values())
+    same = sum(a == b for a, b in zip(*answers.values()))
+    print(f"mean over {args.rounds} rounds: {first:.1f} against {baseline:.1f} tok/s; identical answers: "
+          f"{same}/{len(prompts)}")  # fmt: skip
+    print(f"ratio={first / baseline:.2f}")
 
 
 def main() -> None:
@@ -247,11 +302,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--openai", action="store_true", help="The openai backend against llama.cpp's server.")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="With --openai: levels.")
-    parser.add_argument("--rounds", type=int, default=2, help="With --openai: runs of every level, interleaved.")
+    parser.add_argument("--rounds", type=int, default=2, help="--openai, --greedy-choice: interleaved runs of each.")
     parser.add_argument("--servers", type=int, default=1, help="With --openai: server replicas.")
     parser.add_argument("--server-threads", type=int, help="With --openai: --n_threads of each server.")
     parser.add_argument("--adapter", nargs="?", const="fresh", help="Adapter generation, with and without the hook.")
+    parser.add_argument("--greedy-choice", action="store_true", help="max(dim).indices against argmax.")
     args = parser.parse_args()
+    if args.greedy_choice:
+        run_greedy_choice(args)
+        return
     if args.adapter:
         run_adapter(args)
         return
