@@ -269,8 +269,9 @@ class TransformersBackend:
         sequence, [sequence][target], as `_score_batch` computes them (with the same prefill)."""
         input_ids, full_mask, position_ids, cache = self._prefill_inputs(sequences, prefix)
         output = self.model(
-            input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids, use_cache=True,
-            logits_to_keep=len(targets[0]) if targets else 1, output_hidden_states=True, **{self.cache_argument: cache},
+            input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids, use_cache=prefix is not None,
+            logits_to_keep=len(targets[0]) if targets else 1, output_hidden_states=True,
+            **({self.cache_argument: cache} if prefix else {}),
         )  # fmt: skip
         log_probs = _summed_log_probs(output.logits, [targets] * len(sequences)) if targets else None
         shared = prefix.length if prefix else 0
