@@ -55,49 +55,51 @@ def test_changing_one_training_setting_reruns_only_training_evaluation_and_repor
     assert ran == ["sft", "dpo", "evaluate", "report"]
 
 
-def test_a_tune_judge_rerun_that_measured_the_same_keeps_later_stages_cached(tmp_path, ran, monkeypatch):
-    """tune-judge's times (timings.json, and the reports that print them) differ at every run; what later stages
-    read does not, so a rerun of tune-judge alone (its folder lost, or the run killed inside it) reruns nothing else."""
-    judge = stages_module.run_tune_judge
+def rerun_alone(tmp_path, ran, monkeypatch, stage: str, function: str, records) -> list[dict]:
+    """Run the pipeline with `function` (stage `stage`) writing new times into `records(out)` at every run, then
+    rerun it alone (its stage.json lost, as when its folder is lost or a run is killed inside it): what ran, and
+    each stage's output hash in both runs."""
+    run = getattr(stages_module, function)
 
     def timed(settings, inputs, out):
-        tuned = judge(settings, inputs, out)
-        for name in TIMING_FILES:
-            (out / name).write_text(f"{time.perf_counter()} s per item\n")
-        return tuned
+        outputs = run(settings, inputs, out)
+        for path in records(out):
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(f'{{"seconds": {time.perf_counter()}}}\n')
+        return outputs
 
-    monkeypatch.setattr(stages_module, "run_tune_judge", timed)
-    _, first = run_pipeline(demo(tmp_path))
-    next((tmp_path / "run" / "tune-judge").glob("*/stage.json")).unlink()
+    monkeypatch.setattr(stages_module, function, timed)
+    manifests = [run_pipeline(demo(tmp_path))[1]]
+    next((tmp_path / "run" / stage).glob("*/stage.json")).unlink()
     ran.clear()
-    _, second = run_pipeline(demo(tmp_path))
+    manifests.append(run_pipeline(demo(tmp_path))[1])
+    return [{name: s["output_hash"] for name, s in manifest["stages"].items()} for manifest in manifests]
+
+
+def test_a_tune_judge_rerun_that_measured_the_same_keeps_later_stages_cached(tmp_path, ran, monkeypatch):
+    """tune-judge's times (timings.json, and the reports that print them) differ at every run; what later stages
+    read does not, so a rerun of tune-judge alone reruns nothing else."""
+    hashes = rerun_alone(tmp_path, ran, monkeypatch, "tune-judge", "run_tune_judge",
+                         lambda out: [out / name for name in TIMING_FILES])  # fmt: skip
     assert ran == ["tune-judge"]
-    hashes = [{n: s["output_hash"] for n, s in m["stages"].items()} for m in (first, second)]
     assert hashes[0] == hashes[1]
 
 
 def test_a_training_rerun_that_trained_the_same_adapter_keeps_later_stages_cached(tmp_path, ran, monkeypatch):
     """A training run's records of itself (times in metrics.json, TRL's log history, its pickled arguments) differ at
     every run; the adapter does not, so a rerun of SFT alone reruns neither DPO nor the evaluation."""
-    train, weights = stages_module.run_sft, [b"trained"]
-
-    def timed(settings, inputs, out):
-        trained = train(settings, inputs, out)
-        (out / ADAPTER).mkdir(exist_ok=True)
-        (out / ADAPTER / "adapter_model.safetensors").write_bytes(weights[0])
-        for name in RUN_RECORDS:
-            (out / ADAPTER / name).write_text(f'{{"runtime_s": {time.perf_counter()}}}\n')
-        return trained
-
-    monkeypatch.setattr(stages_module, "run_sft", timed)
-    _, first = run_pipeline(demo(tmp_path))
-    next((tmp_path / "run" / "sft").glob("*/stage.json")).unlink()
-    ran.clear()
-    _, second = run_pipeline(demo(tmp_path))
+    hashes = rerun_alone(tmp_path, ran, monkeypatch, "sft", "run_sft",
+                         lambda out: [out / ADAPTER / name for name in RUN_RECORDS])  # fmt: skip
     assert ran == ["sft"]
-    hashes = [{n: s["output_hash"] for n, s in m["stages"].items()} for m in (first, second)]
     assert hashes[0] == hashes[1]
-    weights[0] = b"trained otherwise"  # a rerun that trained another adapter reruns what follows
+    timed = stages_module.run_sft
+
+    def retrained(settings, inputs, out):  # another adapter: what follows reruns
+        outputs = timed(settings, inputs, out)
+        (out / ADAPTER / "adapter_model.safetensors").write_bytes(b"trained otherwise")
+        return outputs
+
+    monkeypatch.setattr(stages_module, "run_sft", retrained)
     next((tmp_path / "run" / "sft").glob("*/stage.json")).unlink()
     ran.clear()
     run_pipeline(demo(tmp_path))
