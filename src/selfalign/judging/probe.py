@@ -297,7 +297,7 @@ def judge_in_one_pass(
     two passes over the same text."""
     if isinstance(first, ProbeJudge) and first.reads_as(second):
         judgments, label_scores = first.judge_and_score(prompts, responses, first_sources, LABEL_CONTINUATIONS)
-        if label_scores is not None:  # else a label is more than one token here: scored below
+        if label_scores is not None:  # else the labels differ in more than their last token here: scored apart
             return judgments, second.judge_from_label_scores(prompts, responses, second_sources, label_scores)
         return judgments, second.judge(prompts, responses, second_sources)
     return first.judge(prompts, responses, first_sources), second.judge(prompts, responses, second_sources)
