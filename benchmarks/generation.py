@@ -255,13 +255,13 @@ def run_adapter(args: argparse.Namespace) -> None:
     from selfalign.backends import transformers_backend
 
     backend, prompts, params = loaded_backend(args)
-
-    def measured(label: str) -> tuple[float, list[str]]:
-        return measured_generation(backend, prompts, params, label)
-
-    ours, our_texts = measured("selfalign backend (contiguous rows into the output projection)")
+    ours, our_texts = measured_generation(
+        backend, prompts, params, "selfalign backend (contiguous rows into the output projection)"
+    )
     getattr(backend.model.get_output_embeddings(), transformers_backend.CONTIGUOUS_ROWS_HOOK).remove()
-    baseline, baseline_texts = measured("baseline (hook removed: PyTorch's matmul on the frozen output weight)")
+    baseline, baseline_texts = measured_generation(
+        backend, prompts, params, "baseline (hook removed: PyTorch's matmul on the frozen output weight)"
+    )
     same = sum(a == b for a, b in zip(our_texts, baseline_texts))
     print(f"identical answers: {same}/{len(prompts)}")
     print(f"ratio={ours / baseline:.2f}")
