@@ -101,11 +101,13 @@ def outputs_and_grads(function, inputs, outputs, entropy_weight, temperature=0.7
 
 
 @pytest.mark.parametrize("outputs, entropy_weight", [(("log_probs",), 0), (ALL_OUTPUTS, 0), (ALL_OUTPUTS, 0.3)])
-@pytest.mark.parametrize("rows_budget", [cpu_speed.ROWS_BUDGET, 4 * 300])  # one block, or blocks of 4 rows
-def test_answer_log_probs_match_trls_tiled_function(monkeypatch, outputs, entropy_weight, rows_budget):
+@pytest.mark.parametrize("slice_width", [cpu_speed.MIN_SLICE, 64])  # one slice of 300 words, or five (the last 44)
+def test_answer_log_probs_match_trls_tiled_function(monkeypatch, outputs, entropy_weight, slice_width):
     from trl.kernels import ChunkedLogProbFunction
 
-    monkeypatch.setattr(cpu_speed, "ROWS_BUDGET", rows_budget)
+    monkeypatch.setattr(cpu_speed, "MIN_SLICE", slice_width)
+    monkeypatch.setattr(cpu_speed, "SLICE_BUDGET", 1)
+    assert cpu_speed.vocabulary_slice(9, 300) == min(slice_width, 300)
     inputs = head_inputs()
     ours, our_grads = outputs_and_grads(AnswerLogProbs, inputs, outputs, entropy_weight)
     theirs, their_grads = outputs_and_grads(ChunkedLogProbFunction, inputs, outputs, entropy_weight)
@@ -118,11 +120,43 @@ def test_answer_log_probs_match_trls_tiled_function(monkeypatch, outputs, entrop
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5)
 
 
-def test_is_top1_counts_only_the_first_of_tied_maxima():
-    logits = torch.tensor([[1.0, 5.0, 5.0, 0.0], [1.0, 5.0, 5.0, 0.0], [9.0, 2.0, 1.0, 0.0]])
-    targets = torch.tensor([1, 2, 1])
-    at_maximum = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) >= logits.amax(-1)
-    assert cpu_speed.first_maximum(logits, targets, at_maximum).tolist() == [True, False, False]
+@pytest.mark.parametrize("slice_width", [cpu_speed.MIN_SLICE, 2])  # tied maxima in one slice, or across slices
+def test_is_top1_counts_only_the_first_of_tied_maxima(monkeypatch, slice_width):
+    monkeypatch.setattr(cpu_speed, "MIN_SLICE", slice_width)
+    monkeypatch.setattr(cpu_speed, "SLICE_BUDGET", 1)
+    weight = torch.eye(4)  # the hidden states are the logits
+    hidden = torch.tensor([[1.0, 5.0, 5.0, 0.0], [1.0, 5.0, 5.0, 0.0], [9.0, 2.0, 1.0, 0.0], [0.0, 1.0, 5.0, 5.0]])
+    targets = torch.tensor([1, 2, 1, 2])
+    is_top1 = AnswerLogProbs.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, ("log_probs", "is_top1"))[4]
+    assert is_top1.tolist() == [True, False, False, True]
+
+
+def test_the_vocabulary_slice_keeps_each_slices_logits_within_the_budget():
+    assert cpu_speed.vocabulary_slice(170, 262_144) == 4096  # 170 x 4096 = 0.7M values; 8192 would pass 2^20
+    assert cpu_speed.vocabulary_slice(670, 262_144) == cpu_speed.MIN_SLICE  # never narrower than MIN_SLICE
+    assert cpu_speed.vocabulary_slice(1, 300) == 300  # never wider than the vocabulary
+    assert cpu_speed.vocabulary_slice(0, 262_144) == cpu_speed.vocabulary_slice(1, 262_144)
+
+
+def test_no_answer_rows_give_empty_outputs_and_a_zero_gradient():
+    hidden, weight, bias, targets = head_inputs(rows=0)
+    out = AnswerLogProbs.apply(hidden, weight, bias, targets, 1.0, 64, None, 1.0, ALL_OUTPUTS)
+    assert [x.shape for x in out] == [torch.Size([0])] * 5
+    out[0].sum().backward()
+    assert hidden.grad.shape == (0, 16) and not weight.grad.any()
+
+
+def test_within_log_probs_only_the_head_computes_nothing_else():
+    from trl.trainer import utils as trl_utils
+
+    args = (*head_inputs(), 1.0, 64, None, 1.0, ALL_OUTPUTS)
+    with lm_head_on_answer_positions():
+        full = trl_utils._ChunkedLogProbFunction.apply(*args)
+        with cpu_speed.log_probs_only():
+            alone = trl_utils._ChunkedLogProbFunction.apply(*args)
+        after = trl_utils._ChunkedLogProbFunction.apply(*args)
+    assert alone[1:] == (None,) * 4 and torch.equal(alone[0], full[0])
+    assert all(x is not None for x in after) and not cpu_speed._log_probs_only
 
 
 def test_without_gradients_nothing_is_kept_and_a_second_backward_is_refused():

@@ -5,12 +5,14 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
 
 from selfalign.errors import SelfAlignError
 from selfalign.training import dpo
 from selfalign.training.common import FirstStepLossCheck
+from selfalign.training.cpu_speed import AnswerLogProbs
 from selfalign.training.dpo import reference_fingerprint_by_xxhash, run_dpo, weights_fingerprint
 from selfalign.training.sft import run_sft
 from tests.training.conftest import make_pairs, tiny_config, write_pairs
@@ -65,11 +67,22 @@ def test_dpo_from_the_base_uses_the_base_as_reference_and_starts_at_ln2(dpo_from
 def test_precomputed_reference_log_probs_give_the_same_losses(
     dpo_from_base, tiny_model_dir, module_pairs, tmp_path, monkeypatch
 ):
-    fingerprinted = []
+    fingerprinted, heads = [], []
     monkeypatch.setattr(dpo, "weights_fingerprint", lambda module: fingerprinted.append(module) or "fingerprint")
-    config = tiny_config(tiny_model_dir, "dpo.precompute_ref_log_probs=true")
+    apply = AnswerLogProbs.apply
+
+    def recording(hidden, *args):
+        heads.append((torch.is_grad_enabled(), args[-1]))
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(AnswerLogProbs, "apply", recording)
+    config = tiny_config(tiny_model_dir, "dpo.precompute_ref_log_probs=true", "dpo.precompute_ref_batch_size=8")
     metrics = run_dpo(config, str(module_pairs), tmp_path / "out").metrics
     assert len(fingerprinted) == 1  # TRL named its reference cache by our fingerprint, not by its SHA-256
+    # the reference passes come first: 12 training pairs in batches of 8, 4 evaluation pairs, log-probabilities only;
+    # then evaluation and training steps, with the metrics TRL logs
+    assert heads[:3] == [(False, ("log_probs",))] * 3
+    assert all({"entropy", "is_top1"} <= set(outputs) for _, outputs in heads[3:]) and any(g for g, _ in heads[3:])
     assert metrics["reference_log_probs"] == "precomputed once"
     plain = dpo_from_base[0].metrics["train"]["per_step"]
     assert [step["loss"] for step in metrics["train"]["per_step"]] == pytest.approx(

@@ -12,8 +12,10 @@ rows the loss never reads are left out here too.
 
 On CPU TRL then runs its GPU kernel's algorithm in torch (`trl.kernels.chunked_logprob`): 32,768-word tiles folded
 into running statistics, one more elementwise pass over each tile per optional output, and a backward that projects
-every tile again. A few hundred answer rows' full logits fit in memory, so `AnswerLogProbs` projects once and keeps
-the softmax for the backward: one elementwise pass and one matrix product instead of the projection done twice.
+every tile again. A few hundred answer rows' softmax fits in memory, so `AnswerLogProbs` projects once and keeps it
+for the backward: one elementwise pass and one matrix product instead of the projection done twice. It projects the
+vocabulary in slices narrow enough for every row's logits to stay in the cores' caches through the passes over them,
+which reads the LM head's weight once a call (blocks of rows over the whole vocabulary read it once a block).
 The log-probabilities are the same numbers up to summation order (`tests/training/test_cpu_speed.py` checks them
 and their gradients against TRL's, and `benchmarks/training.py` checks the losses).
 
@@ -37,10 +39,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Values of logits (rows x vocabulary) projected at once, and of softmax kept per batch for the backward; past the
-# second, TRL's tiled function runs instead. The embedded model's 262,144-word vocabulary: 128 rows a projection, whose
-# temporaries (logits, exponentials: ~0.4 GB) stay small beside the kept softmax, at no measured cost in speed.
-ROWS_BUDGET = 2**25  # 128 MiB of fp32
+# Values of logits (rows x words) projected at once, in slices of at least MIN_SLICE words; and of softmax kept per
+# batch for the backward, past which TRL's tiled function runs instead.
+SLICE_BUDGET = 2**20  # 4 MiB of fp32
+MIN_SLICE = 2048
 KEPT_BUDGET = 2**29  # 2 GiB of fp32
 
 
@@ -144,6 +146,25 @@ def frozen_matmuls_in_bf16(model: torch.nn.Module, enabled: bool = True) -> Iter
             del module.forward
 
 
+_log_probs_only = False  # set within `log_probs_only`
+
+
+@contextlib.contextmanager
+def log_probs_only() -> Iterator[None]:
+    """Within the block, the fused LM head computes the log-probabilities alone, whatever else it was set up to return.
+
+    TRL sets a model's fused head up once with the outputs its training steps log (entropy, mean logits, top-1
+    accuracy), and with a PEFT adapter the reference log-probabilities come from the same model, adapter disabled: the
+    reference pass then computes those outputs too, and drops them. Each is one or two more passes over every answer
+    row's 262,144 logits. (A separate reference model gets a head that returns log-probabilities only.)"""
+    global _log_probs_only
+    before, _log_probs_only = _log_probs_only, True
+    try:
+        yield
+    finally:
+        _log_probs_only = before
+
+
 class _OnCpu:
     """Stands in for TRL's `ChunkedLogProbFunction` at its one call site: `AnswerLogProbs` for CPU rows that fit,
     TRL's function for everything else (accelerators, soft-capped logits, autocast, more rows than KEPT_BUDGET)."""
@@ -153,6 +174,8 @@ class _OnCpu:
 
     def apply(self, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
               outputs=("log_probs",)):  # fmt: skip
+        if _log_probs_only:
+            outputs = ("log_probs",)
         ours = (
             hidden.device.type == "cpu"
             and softcap is None
@@ -164,8 +187,13 @@ class _OnCpu:
 
 
 class AnswerLogProbs(torch.autograd.Function):
-    """TRL's `ChunkedLogProbFunction` (same arguments, same outputs) for CPU: each block of rows is projected once,
-    its softmax kept for the backward."""
+    """TRL's `ChunkedLogProbFunction` (same arguments, same outputs) for CPU: the vocabulary is projected once, a slice
+    of words at a time, and each slice's exponentials are kept for the backward.
+
+    A slice's logits (every row, SLICE_BUDGET values) stay in the cores' caches through the passes over them (max,
+    exp, sums), and the LM head's weight is read once per call: blocks of rows over the whole vocabulary read all of
+    it (335 MB in bf16 for the embedded model) once per block. The slices' statistics are merged at the end as online
+    softmax merges them; the backward scales each kept slice by its own factor, so the softmax is rounded once."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
@@ -173,113 +201,141 @@ class AnswerLogProbs(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         keep = any(ctx.needs_input_grad[:3])  # grad mode is off inside forward; this says whether backward runs
         scale = logit_scale / temperature
-        columns = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-        found: dict[str, list[torch.Tensor]] = {name: [] for name in columns}
-        probs = []
-        rows = max(1, ROWS_BUDGET // weight.shape[0])
+        rows, vocabulary = hidden.shape[0], weight.shape[0]
         low = bf16_copy_for(weight, hidden) if bias is None else None  # the LM head's bf16 copy, if it has one
-        for start in range(0, hidden.shape[0], rows):
-            target = targets[start : start + rows]
-            if low is None:
-                z = hidden[start : start + rows] @ weight.t()  # in the model's dtype, as TRL's tiles are
-            else:
-                z = hidden[start : start + rows].to(torch.bfloat16) @ low.t()
+        multiplicand = weight if low is None else low
+        x = hidden.to(multiplicand.dtype)
+        # Each target's own logit in fp32, in the normaliser too: where the products round, it would be the error
+        target_z = torch.linalg.vecdot(hidden.float(), weight[targets].float())
+        if bias is not None:
+            target_z += bias[targets].float()
+        target_z *= scale
+        width = vocabulary_slice(rows, vocabulary)
+        kept = torch.empty(rows, vocabulary, dtype=torch.float32 if low is None else torch.bfloat16) if keep else None
+        slice_of_target = torch.div(targets, width, rounding_mode="floor")
+        columns = ("top", "first", "total", "cross", "squares")
+        stats: dict[str, list[torch.Tensor]] = {name: [] for name in columns}
+        logit_sums = torch.zeros(rows)
+        for number, start in enumerate(range(0, vocabulary, width)):
+            end = min(start + width, vocabulary)
+            z = x @ multiplicand[start:end].t()  # in the model's dtype, as TRL's tiles are
             if bias is not None:
-                z += bias
+                z += bias[start:end]
             z = z.float()
             if scale != 1.0:
                 z.mul_(scale)
-            top = z.amax(-1)
-            target_z = z.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            if low is not None:  # the target's own logit in fp32, in the normaliser too; only other words' are rounded
-                target_z = torch.linalg.vecdot(hidden[start : start + rows].float(), weight[target].float()) * scale
+            top, first = z.max(-1)  # the first maximal word, as argmax gives it
+            stats["top"].append(top)
+            stats["first"].append(first + start)
             if "mean_logits" in outputs:
-                found["mean_logits"].append(z.mean(-1))
-            if "is_top1" in outputs:
-                found["is_top1"].append(first_maximum(z, target, target_z >= top))
+                logit_sums += z.sum(-1)
             shifted = z.sub_(top.unsqueeze(-1))
-            if low is not None:  # where the target dominates the normaliser, its rounding would be the error
-                shifted.scatter_(-1, target.unsqueeze(-1), (target_z - top).unsqueeze(-1))
-            exp = shifted.exp()
-            total = exp.sum(-1)
-            log_total = total.log()
-            log_probs = target_z - top - log_total
-            found["log_probs"].append(log_probs if low is None else log_probs.clamp_(max=0.0))
-            if "entropy" in outputs:  # -sum p log p, with p = exp / total and log p = shifted - log total
-                found["entropy"].append(log_total - torch.linalg.vecdot(exp, shifted) / total)
-            del z, shifted
-            p = exp.div_(total.unsqueeze(-1))
+            here = (slice_of_target == number).nonzero().squeeze(-1)
+            shifted[here, targets[here] - start] = target_z[here] - top[here]
+            exp = shifted.exp() if "entropy" in outputs else shifted.exp_()
+            stats["total"].append(exp.sum(-1))
             if "log_sum_sq_probs" in outputs:
-                found["log_sum_sq_probs"].append(torch.linalg.vecdot(p, p).log())
+                stats["squares"].append(torch.linalg.vecdot(exp, exp))
             if keep:
-                probs.append(p if low is None else p.to(torch.bfloat16))  # the backward's product is bf16 then
-        joined = [torch.cat(found[name]) if found[name] else None for name in columns]
+                kept[:, start:end] = exp
+            if "entropy" in outputs:
+                stats["cross"].append(shifted.mul_(exp).sum(-1))  # sum of exp * shifted: vecdot's sums, in place
+            del z, shifted, exp
+        tops = torch.stack(stats["top"])  # (slices, rows)
+        top = tops.amax(0)
+        rescale = torch.exp(tops - top)  # each slice's exponentials, from its own maximum to the row's
+        totals = torch.stack(stats["total"])
+        total = (rescale * totals).sum(0)
+        log_total = total.log()
+        log_probs = (target_z - top - log_total).clamp_(max=0.0)
+        entropy = log_sum_sq = mean_logits = is_top1 = None
+        if "entropy" in outputs:  # -sum p log p = log total - sum exp * (z - top) / total
+            cross = rescale * (torch.stack(stats["cross"]) + (tops - top) * totals)
+            entropy = log_total - cross.sum(0) / total
+        if "log_sum_sq_probs" in outputs:
+            log_sum_sq = (rescale.square() * torch.stack(stats["squares"])).sum(0).log() - 2 * log_total
+        if "mean_logits" in outputs:
+            mean_logits = logit_sums / vocabulary
+        if "is_top1" in outputs:  # the first slice holding the row's maximum, and its first maximal word
+            holder = (tops == top).to(torch.uint8).argmax(0, keepdim=True)
+            is_top1 = torch.stack(stats["first"]).gather(0, holder).squeeze(0) == targets
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.probs, ctx.scale, ctx.entropy, ctx.low = probs, scale, joined[1], low
-        ctx.log_probs = joined[0].detach()  # detached: an output held by its own node would be a reference cycle
-        ctx.mark_non_differentiable(*(x for x in joined[2:] if x is not None))
-        return tuple(joined)
+        ctx.kept, ctx.width, ctx.scale, ctx.low = kept, width, scale, low
+        ctx.softmax_factor = rescale / total  # p = kept exponentials x this slice's factor
+        ctx.entropy = entropy
+        ctx.log_probs = log_probs.detach()  # detached: an output held by its own node would be a reference cycle
+        ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
+        return log_probs, entropy, log_sum_sq, mean_logits, is_top1
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, *_):  # type: ignore[override]
-        if ctx.probs is None:
+        if ctx.kept is None:
             raise RuntimeError("AnswerLogProbs keeps its softmax for one backward only")
         hidden, weight, bias, targets = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        kept, width, factor, low = ctx.kept, ctx.width, ctx.softmax_factor, ctx.low
+        ctx.kept = None
+        vocabulary = weight.shape[0]
+        slices = list(enumerate(range(0, vocabulary, width)))
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32)
+        if ctx.needs_input_grad[2]:
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32)
         # Only the hidden states' gradient, through the bf16 product: d log p_target / dz = 1[target] - p is formed
-        # in bf16 straight from the kept softmax, written over it. The target's entry, where 1 - p cancels, is formed
-        # in fp32 from the log-probability returned, and rounded once.
+        # in bf16 over the kept exponentials, each slice scaled once by -gradient x its softmax factor. The target's
+        # entry, where 1 - p cancels, is formed in fp32 from the log-probability returned, and rounded once.
         only_hidden_in_bf16 = (
-            ctx.low is not None and grad_hidden is not None and grad_weight is None and grad_bias is None
+            low is not None and ctx.needs_input_grad[0] and grad_weight is None and grad_bias is None
             and grad_logprobs is not None and grad_entropy is None
         )  # fmt: skip
-        start = 0
-        for p in ctx.probs:
-            end = start + p.shape[0]
-            if only_hidden_in_bf16:
-                g = grad_logprobs[start:end].float().unsqueeze(-1) * ctx.scale
-                grad_z = p.mul_(-g.to(torch.bfloat16))
-                at_target = -torch.expm1(ctx.log_probs[start:end].unsqueeze(-1)) * g
-                grad_z.scatter_(-1, targets[start:end].unsqueeze(-1), at_target.to(torch.bfloat16))
-                grad_hidden[start:end] = (grad_z @ ctx.low).to(hidden.dtype)
-                start = end
-                continue
-            p = p.float()  # a copy of a bf16 softmax; p itself otherwise, written over below
+        if only_hidden_in_bf16:
+            g = grad_logprobs.float() * ctx.scale
+            for number, start in slices:
+                kept[:, start : start + width].mul_((-g * factor[number]).to(torch.bfloat16).unsqueeze(-1))
+            at_target = -torch.expm1(ctx.log_probs) * g
+            kept.scatter_(-1, targets.unsqueeze(-1), at_target.to(torch.bfloat16).unsqueeze(-1))
+            grad_hidden = (kept @ low).to(hidden.dtype)  # one product over the whole vocabulary, accumulated in fp32
+            ctx.log_probs = None
+            return grad_hidden, None, None, None, None, None, None, None, None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32)
+        multiplicand = weight if low is None else low
+        slice_of_target = torch.div(targets, width, rounding_mode="floor")
+        for number, start in slices:
+            end = min(start + width, vocabulary)
+            p = kept[:, start:end].float().mul_(factor[number].unsqueeze(-1))
             grad_z = None
             if grad_entropy is not None:
                 # d entropy / dz_j = -p_j (log p_j + entropy); first, because the next term is written over p
-                entropy = ctx.entropy[start:end].unsqueeze(-1)
-                grad_z = (torch.special.xlogy(p, p) + p * entropy).mul_(-grad_entropy[start:end].float().unsqueeze(-1))
+                entropy = ctx.entropy.unsqueeze(-1)
+                grad_z = (torch.special.xlogy(p, p) + p * entropy).mul_(-grad_entropy.float().unsqueeze(-1))
             if grad_logprobs is not None:
                 # d log p_target / dz_j = 1[j = target] - p_j
-                g = grad_logprobs[start:end].float().unsqueeze(-1)
-                term = p.mul_(-g).scatter_add_(-1, targets[start:end].unsqueeze(-1), g)
+                g = grad_logprobs.float()
+                term = p.mul_(-g.unsqueeze(-1))
+                here = (slice_of_target == number).nonzero().squeeze(-1)
+                term[here, targets[here] - start] += g[here]
                 grad_z = term if grad_z is None else grad_z.add_(term)
             if grad_z is None:
-                grad_z = torch.zeros_like(p)
+                continue
             grad_z.mul_(ctx.scale)
-            if grad_hidden is not None and ctx.low is None:
-                grad_hidden[start:end] = grad_z.to(weight.dtype) @ weight
-            elif grad_hidden is not None:
-                grad_hidden[start:end] = (grad_z.to(torch.bfloat16) @ ctx.low).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden += grad_z.to(multiplicand.dtype) @ multiplicand[start:end]
             if grad_weight is not None:
-                grad_weight += grad_z.t() @ hidden[start:end].float()
+                grad_weight[start:end] = grad_z.t() @ hidden.float()
             if grad_bias is not None:
-                grad_bias += grad_z.sum(0)
-            start = end
-        ctx.probs = ctx.log_probs = None
+                grad_bias[start:end] = grad_z.sum(0)
+        ctx.log_probs = None
+        grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def first_maximum(logits: torch.Tensor, targets: torch.Tensor, at_maximum: torch.Tensor) -> torch.Tensor:
-    """Whether each row's target is its first maximal logit (TRL's `is_top1`: a tie with an earlier word does not
-    count). `at_maximum` (target logit == row maximum) decides most rows; `argmax` runs on those rows only."""
-    first = at_maximum.clone()
-    rows = at_maximum.nonzero().squeeze(-1)
-    if rows.numel():
-        first[rows] = logits[rows].argmax(-1) == targets[rows]
-    return first
+def vocabulary_slice(rows: int, vocabulary: int) -> int:
+    """Words projected at once: the widest power of two from MIN_SLICE whose logits for `rows` rows stay within
+    SLICE_BUDGET values (measured on 2 cores: 4,096 words for 170 rows, 2,048 for 670 and 1,400)."""
+    width = MIN_SLICE
+    while width * 2 * max(rows, 1) <= SLICE_BUDGET:
+        width *= 2
+    return min(width, vocabulary)

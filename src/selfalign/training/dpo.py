@@ -9,6 +9,7 @@ which, and stops when the first step's loss shows that the reference is not the 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from selfalign.training.common import (
     trainer_arguments,
 )
 from selfalign.training.config import TrainingConfig
-from selfalign.training.cpu_speed import frozen_matmuls_in_bf16, lm_head_on_answer_positions
+from selfalign.training.cpu_speed import frozen_matmuls_in_bf16, lm_head_on_answer_positions, log_probs_only
 from selfalign.training.data import dpo_examples
 
 
@@ -40,7 +41,7 @@ def run_dpo(
     config: TrainingConfig, data: str, out: str | Path, merge: bool = False, callbacks: list[Any] | None = None
 ) -> TrainingOutputs:
     """Train a DPO adapter on `data` (preference pairs) into `out`, resuming from its last checkpoint if any."""
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     # --- Setup: trainer arguments first; building them starts the distributed state that later steps use.
     out = Path(out)
@@ -67,7 +68,7 @@ def run_dpo(
         frozen_matmuls_in_bf16(policy, bf16_matmuls(config)),
         reference_fingerprint_by_xxhash(),
     ):
-        trainer = DPOTrainer(
+        trainer = dpo_trainer_class()(
             model=policy,
             args=args,
             train_dataset=train_set,
@@ -91,6 +92,20 @@ def run_dpo(
         **results,
     }
     return save_outputs(trainer, config, out, metrics, merge)
+
+
+@functools.cache
+def dpo_trainer_class() -> type:
+    """TRL's DPOTrainer, whose precomputed reference pass computes log-probabilities alone (`log_probs_only`: the
+    shared fused LM head would also compute the entropy, mean logits and top-1 accuracy that pass drops)."""
+    from trl import DPOTrainer
+
+    class ReferenceLogProbsOnly(DPOTrainer):
+        def compute_ref_log_probs(self, model: Any, inputs: Any) -> Any:
+            with log_probs_only():
+                return super().compute_ref_log_probs(model, inputs)
+
+    return ReferenceLogProbsOnly
 
 
 @contextlib.contextmanager
