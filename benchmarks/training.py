@@ -16,10 +16,11 @@ Last line: dpo_precompute_speedup=<DPO total time without precompute / with prec
 TRL's path as selfalign ran it before these settings existed (the baseline: fp32, the LM head projected at every
 position and again in the backward, the DPO reference computed every step) against the settings selfalign now uses
 on CPU (training/cpu_speed.py: the answer positions only, projected once; the reference precomputed; products with
-frozen weights in bf16 where the CPU has AMX or AVX-512 BF16), and the fp32 part of those alone, each a fresh
-adapter on the same pairs, alternating the settings `--repeats` times; the fastest run of each is kept (the least
-disturbed by a shared machine). Losses per step must agree: to 1e-3 for the fp32 paths (the same computation up to
-summation order), within 2% where bf16 products round (LOSS_TOLERANCE_BF16). Last lines: sft_speedup= and
+frozen weights in bf16 where the CPU has AMX or AVX-512 BF16; SFT's LoRA dropout masks from random bits), and the
+fp32 part of those alone, each a fresh adapter on the same pairs, alternating the settings `--repeats` times; the
+fastest run of each is kept (the least disturbed by a shared machine). Losses per step must agree: to 1e-3 for the
+fp32 paths (the same computation up to summation order), within 2% where bf16 products round and SFT's dropout
+draws other masks (LOSS_TOLERANCE_BF16). Last lines: sft_speedup= and
 dpo_speedup=, baseline total time / selfalign's total time (DPO's precompute pass included).
 
     python benchmarks/training.py --fingerprint [--model ...]
@@ -138,10 +139,13 @@ def main() -> None:
 # TrainingConfig defaults to on this machine)
 SPEEDUP_SETTINGS = {
     "sft": [
-        ("TRL's path (LM head at every position, fp32)", ["lm_head_answer_only=false", "bf16_matmuls=false"]),
-        ("LM head at answer positions, projected once, fp32", ["lm_head_answer_only=true", "bf16_matmuls=false"]),
-        ("selfalign's CPU path (that, and frozen weights multiplied in bf16 where the CPU has bf16 units)",
-         ["lm_head_answer_only=true", "bf16_matmuls=auto"]),
+        ("TRL's path (LM head at every position, fp32)",
+         ["lm_head_answer_only=false", "bf16_matmuls=false", "lora_dropout_from_random_bits=false"]),
+        ("LM head at answer positions, projected once, fp32",
+         ["lm_head_answer_only=true", "bf16_matmuls=false", "lora_dropout_from_random_bits=false"]),
+        ("selfalign's CPU path (that, frozen weights multiplied in bf16 where the CPU has bf16 units, and LoRA's "
+         "dropout masks from random bits)",
+         ["lm_head_answer_only=true", "bf16_matmuls=auto", "lora_dropout_from_random_bits=true"]),
     ],
     "dpo": [
         ("TRL's path (LM head at every position, reference every step, fp32)",

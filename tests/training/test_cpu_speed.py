@@ -294,3 +294,53 @@ def test_bf16_matmuls_default_to_cpus_with_bf16_units_and_fp32_models(
     monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: cpu_has_bf16)
     config = tiny_config(tmp_path, f"bf16_matmuls={setting}", f"dtype={dtype}")
     assert bf16_matmuls(config) is on
+
+
+# ------------------------------------------------------------------ LoRA's dropout from random bits
+
+
+def test_the_dropout_mask_drops_each_value_with_probability_p_in_every_lane_of_a_draw():
+    torch.manual_seed(0)
+    mask = cpu_speed.dropped(torch.Size([1000, 1003]), 0.1)  # not a multiple of four: the last draw is cut
+    assert mask.shape == (1000, 1003) and mask.dtype == torch.bool
+    assert mask.float().mean().item() == pytest.approx(0.1, abs=0.002)
+    # each 64-bit draw gives four 16-bit values: a lane with a fixed bit (e.g. a sign never set) would drift
+    lanes = mask.view(-1)[: 1000 * 1000].view(-1, 4).float().mean(0)
+    torch.testing.assert_close(lanes, torch.full((4,), 0.1), rtol=0, atol=0.003)
+    assert not cpu_speed.dropped(torch.Size([10_000]), 0.0).any()  # 32,768 would wrap to -32,768 as an int16
+    assert cpu_speed.dropped(torch.Size([0]), 0.5).numel() == 0
+
+
+def lora_model(p=0.25):
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({
+        "q_proj": torch.nn.ModuleDict({"lora_dropout": torch.nn.ModuleDict({"default": torch.nn.Dropout(p)})}),
+        "attention_dropout": torch.nn.Dropout(p),  # not LoRA's: left to torch
+    })  # fmt: skip
+
+
+def test_loras_dropout_layers_alone_draw_from_random_bits_within_the_block():
+    model = lora_model()
+    lora, other = model["q_proj"]["lora_dropout"]["default"], model["attention_dropout"]
+    x = torch.randn(64, 96, requires_grad=True)
+    with cpu_speed.lora_dropout_from_random_bits(model) as on:
+        assert on and "forward" in vars(lora) and "forward" not in vars(other)
+        torch.manual_seed(1)
+        y = lora(x)
+        torch.manual_seed(1)
+        assert torch.equal(lora(x), y)  # the seeded generator's stream: reproducible
+        torch.manual_seed(1)
+        assert torch.equal(y == 0, cpu_speed.dropped(x.shape, 0.25))
+        kept = y != 0
+        torch.testing.assert_close(y[kept], x[kept] / 0.75)
+        y.sum().backward()
+        torch.testing.assert_close(x.grad, kept.float() / 0.75)  # the gradient passes where the value was kept
+        lora.eval()
+        assert torch.equal(lora(x), x)  # evaluation: no dropout
+        lora.train()
+    assert "forward" not in vars(lora)
+    with pytest.raises(KeyError), cpu_speed.lora_dropout_from_random_bits(model):
+        raise KeyError
+    assert "forward" not in vars(lora)
+    with cpu_speed.lora_dropout_from_random_bits(model, enabled=False) as on:
+        assert not on and "forward" not in vars(lora)

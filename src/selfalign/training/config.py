@@ -164,6 +164,12 @@ class TrainingConfig(StrictModel):
         "(AMX, AVX-512 BF16), keeping everything else fp32 (training/cpu_speed.py). auto: on where the CPU has them "
         "and the model is fp32; false: every product in the model's dtype.",
     )
+    lora_dropout_from_random_bits: bool = Field(
+        True,
+        description="On CPU, draw the masks of LoRA's dropout (SFT's; DPO turns dropout off) from 16 random bits a "
+        "value instead of torch's one-at-a-time bernoulli_ (training/cpu_speed.py): the same distribution, other "
+        "draws. False: torch's dropout.",
+    )
     seed: int = Field(42, ge=0)
 
     eval_fraction: float = Field(

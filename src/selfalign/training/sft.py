@@ -23,7 +23,11 @@ from selfalign.training.common import (
     trainer_arguments,
 )
 from selfalign.training.config import TrainingConfig
-from selfalign.training.cpu_speed import frozen_matmuls_in_bf16, lm_head_on_answer_positions
+from selfalign.training.cpu_speed import (
+    frozen_matmuls_in_bf16,
+    lm_head_on_answer_positions,
+    lora_dropout_from_random_bits,
+)
 from selfalign.training.data import sft_examples
 
 
@@ -63,7 +67,8 @@ def run_sft(
             callbacks=callbacks,
         )
         require_examples(trainer, data, "SFT", config.max_length)
-        results = train_and_evaluate(trainer, out, checkpoint)
+        with lora_dropout_from_random_bits(trainer.model, config.lora_dropout_from_random_bits):  # TRL added LoRA
+            results = train_and_evaluate(trainer, out, checkpoint)
 
     # --- Save
     metrics = {"stage": "sft", **run_description(config, data, prompt_format, counts), **results}
