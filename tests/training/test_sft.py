@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
 
 from selfalign.errors import SelfAlignError
-from selfalign.training import cpu_speed
+from selfalign.training import common, cpu_speed
 from selfalign.training.sft import run_sft
 from tests.training.conftest import tiny_config
 
@@ -55,13 +55,15 @@ def test_a_few_steps_write_a_loadable_adapter_and_metrics(tiny_model_dir, pairs_
 
     for secret in ("HF_TOKEN", "WANDB_API_KEY"):
         monkeypatch.setenv(secret, f"canary-{secret}")
-    masks = []
+    masks, heap_checks = [], []
     dropped = cpu_speed.dropped
     monkeypatch.setattr(cpu_speed, "dropped", lambda shape, p: masks.append(p) or dropped(shape, p))
+    monkeypatch.setattr(common, "release_free_memory_over", lambda limit: heap_checks.append(limit) or False)
     out = tmp_path / "sft"
     outputs = run_sft(tiny_config(tiny_model_dir, "max_steps=3"), str(pairs_file), out)
     assert outputs.adapter == out
     assert masks == [0.1] * 3 * 2 * 7  # LoRA's dropout drew from random bits: each step, each adapted layer
+    assert heap_checks == [common.FREE_HEAP_LIMIT] * 3  # the free heap was looked at after each step
     weights = load_file(out / "adapter_model.safetensors")
     lora_b = [tensor for name, tensor in weights.items() if "lora_B" in name]
     assert len(lora_b) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down

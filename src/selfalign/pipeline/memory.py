@@ -120,6 +120,32 @@ def keep_large_blocks_for_reuse() -> None:
         libc.mallopt(_M_TOP_PAD, ctypes.c_int(256 << 20))
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]  # fmt: skip
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes glibc holds free in its heaps (mallinfo2's fordblks), resident if they were ever touched; None without
+    glibc 2.33 or later."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2().fordblks
+
+
+def release_free_memory_over(limit: int) -> bool:
+    """Hand the heaps' free pages back to the system (malloc_trim) when glibc holds more than `limit` bytes free;
+    returns whether it did. What stays free up to the limit is reused without page faults."""
+    free = free_heap_bytes()
+    if free is None or free <= limit:
+        return False
+    _glibc().malloc_trim(0)  # type: ignore[union-attr]
+    return True
+
+
 def release_free_memory() -> None:
     """Hand memory that a finished stage freed back to the system before the next stage loads its models.
 

@@ -20,6 +20,7 @@ from selfalign.data.jsonl import write_text_atomic
 from selfalign.errors import SelfAlignError
 from selfalign.models.formats import PromptFormat, get_prompt_format
 from selfalign.models.loading import LoadedModel, load_model
+from selfalign.pipeline.memory import release_free_memory_over
 from selfalign.training.config import (
     EVAL_BEFORE,
     TRL_FIELDS,
@@ -34,6 +35,8 @@ from selfalign.training.data import check_prompts_fit, load_pairs, split_pairs, 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+# Free heap glibc may keep between training steps for reuse; past it, the free pages go back to the system
+FREE_HEAP_LIMIT = 2 << 30
 
 
 @dataclass
@@ -249,8 +252,24 @@ class FirstStepLossCheck(TrainerCallback):
             raise SelfAlignError(f"DPO's first-step loss is {float(logs['loss']):.4f}, not ln 2 = 0.6931 {broken}")
 
 
+class ReleaseFreeHeap(TrainerCallback):
+    """After each step, hands the heap's free pages back to the system once glibc holds more than `limit` bytes free.
+
+    `keep_large_blocks_for_reuse` keeps what a step frees for the next one (mapping it afresh cost DPO steps 1.21x),
+    but each step's tensors have other sizes, and the heap fragments around them: in the demo's DPO the heap grew to
+    5.4 GB with at most 2.4 GB in use, and the stage's peak varied from 5.2 to 7.9 GB between runs of the same code."""
+
+    def __init__(self, limit: int = FREE_HEAP_LIMIT) -> None:
+        self.limit = limit
+        self.releases = 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.releases += release_free_memory_over(self.limit)
+
+
 def train_and_evaluate(trainer: Any, out: Path, checkpoint: str | None) -> dict[str, Any]:
     """Evaluate, train (resuming from `checkpoint`), evaluate again: metrics `train`, `eval_before`, `eval_after`."""
+    trainer.add_callback(ReleaseFreeHeap())
     eval_before = evaluate_before_training(trainer, out, checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_after = trainer.evaluate() if trainer.eval_dataset is not None else None
