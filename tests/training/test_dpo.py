@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
 
 from selfalign.errors import SelfAlignError
-from selfalign.training import dpo
+from selfalign.training import common, dpo
 from selfalign.training.common import FirstStepLossCheck
 from selfalign.training.cpu_speed import AnswerLogProbs
 from selfalign.training.dpo import reference_fingerprint_by_xxhash, run_dpo, weights_fingerprint
@@ -76,6 +76,8 @@ def test_precomputed_reference_log_probs_give_the_same_losses(
         return apply(hidden, *args)
 
     monkeypatch.setattr(AnswerLogProbs, "apply", recording)
+    heap_checks = []
+    monkeypatch.setattr(common, "release_free_memory_over", lambda limit: heap_checks.append(limit) or False)
     config = tiny_config(tiny_model_dir, "dpo.precompute_ref_log_probs=true", "dpo.precompute_ref_batch_size=8")
     metrics = run_dpo(config, str(module_pairs), tmp_path / "out").metrics
     assert len(fingerprinted) == 1  # TRL named its reference cache by our fingerprint, not by its SHA-256
@@ -83,6 +85,7 @@ def test_precomputed_reference_log_probs_give_the_same_losses(
     # then evaluation and training steps, with the metrics TRL logs
     assert heads[:3] == [(False, ("log_probs",))] * 3
     assert all({"entropy", "is_top1"} <= set(outputs) for _, outputs in heads[3:]) and any(g for g, _ in heads[3:])
+    assert heap_checks == [common.FREE_HEAP_LIMIT] * metrics["train"]["steps"]  # looked at after each step
     assert metrics["reference_log_probs"] == "precomputed once"
     plain = dpo_from_base[0].metrics["train"]["per_step"]
     assert [step["loss"] for step in metrics["train"]["per_step"]] == pytest.approx(

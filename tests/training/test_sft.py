@@ -63,7 +63,7 @@ def test_a_few_steps_write_a_loadable_adapter_and_metrics(tiny_model_dir, pairs_
     outputs = run_sft(tiny_config(tiny_model_dir, "max_steps=3"), str(pairs_file), out)
     assert outputs.adapter == out
     assert masks == [0.1] * 3 * 2 * 7  # LoRA's dropout drew from random bits: each step, each adapted layer
-    assert heap_checks == [common.FREE_HEAP_LIMIT] * 3  # the free heap was looked at after each step
+    assert heap_checks == []  # SFT keeps its free heap for reuse (DPO hands it back past a limit)
     weights = load_file(out / "adapter_model.safetensors")
     lora_b = [tensor for name, tensor in weights.items() if "lora_B" in name]
     assert len(lora_b) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down

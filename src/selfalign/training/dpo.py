@@ -19,6 +19,7 @@ import torch
 from selfalign.errors import SelfAlignError
 from selfalign.training.common import (
     FirstStepLossCheck,
+    ReleaseFreeHeap,
     TrainingOutputs,
     bf16_matmuls,
     last_checkpoint,
@@ -80,6 +81,7 @@ def run_dpo(
         require_examples(trainer, data, "DPO", config.max_length)
         reference = reference_model(trainer)
         trainer.add_callback(FirstStepLossCheck(settings.first_step_loss_tolerance, reference))
+        trainer.add_callback(ReleaseFreeHeap())  # the demo's peak stage: its heap fragments step by step
         results = train_and_evaluate(trainer, out, checkpoint)
 
     # --- Save
