@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from selfalign.pipeline.memory import keep_large_blocks_for_reuse
+from selfalign.allocator import keep_large_blocks_for_reuse
 from selfalign.training.config import load_training_config
 from selfalign.training.dpo import run_dpo
 from selfalign.training.sft import run_sft

@@ -266,7 +266,7 @@ def data_audit(
 
 def main() -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
-    from selfalign.pipeline.memory import keep_large_blocks_for_reuse
+    from selfalign.allocator import keep_large_blocks_for_reuse
 
     keep_large_blocks_for_reuse()
     try:

@@ -21,10 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from selfalign.allocator import release_free_memory
 from selfalign.data.jsonl import is_atomic_write_leftover, write_text_atomic
 from selfalign.errors import SelfAlignError
 from selfalign.pipeline.config import RunConfig
-from selfalign.pipeline.memory import lifetime_peak_kb, measure_peak_memory, release_free_memory
+from selfalign.pipeline.memory import lifetime_peak_kb, measure_peak_memory
 from selfalign.stage_settings import settings_key
 
 logger = logging.getLogger(__name__)

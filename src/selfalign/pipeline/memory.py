@@ -10,9 +10,6 @@ overall peak from `/usr/bin/time` and from a parent's RUSAGE_CHILDREN, so it is 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import resource
 import sys
 import threading
@@ -91,69 +88,3 @@ def measure_peak_memory(interval: float = SAMPLE_SECONDS) -> Iterator[PeakMemory
         else:
             peak_kb, measured = end_mark_kb, "process high-water mark (an upper bound)"  # no /proc to sample
         result.record = {"rss_start_kb": start_kb, "peak_rss_kb": peak_kb, "peak_rss_measured": measured}
-
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def _glibc() -> ctypes.CDLL | None:
-    library = ctypes.util.find_library("c")
-    if not (sys.platform.startswith("linux") and library):
-        return None
-    libc = ctypes.CDLL(library)
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
-def keep_large_blocks_for_reuse() -> None:
-    """Let glibc reuse freed blocks of up to 1 GB instead of unmapping and mapping them again at every step.
-
-    Training steps over a 262k-entry vocabulary allocate and free tensors of hundreds of MB many times a step; by
-    default glibc maps each afresh, and the page faults cost DPO steps 1.21x on 2 cores (`python benchmarks/
-    training.py --compare-allocator`, BENCHMARKS.md). Memory a stage frees still goes back to the system between
-    stages (`release_free_memory`).
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(1 << 30))
-        libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
-        libc.mallopt(_M_TOP_PAD, ctypes.c_int(256 << 20))
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]  # fmt: skip
-
-
-def free_heap_bytes() -> int | None:
-    """Bytes glibc holds free in its heaps (mallinfo2's fordblks), resident if they were ever touched; None without
-    glibc 2.33 or later."""
-    libc = _glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = _MallInfo2
-    return libc.mallinfo2().fordblks
-
-
-def release_free_memory_over(limit: int) -> bool:
-    """Hand the heaps' free pages back to the system (malloc_trim) when glibc holds more than `limit` bytes free;
-    returns whether it did. What stays free up to the limit is reused without page faults."""
-    free = free_heap_bytes()
-    if free is None or free <= limit:
-        return False
-    _glibc().malloc_trim(0)  # type: ignore[union-attr]
-    return True
-
-
-def release_free_memory() -> None:
-    """Hand memory that a finished stage freed back to the system before the next stage loads its models.
-
-    Stages load and drop whole models; glibc keeps much of what they free in its heaps, so without this the
-    process's resident memory grows stage after stage (measured on the demo: ~0.7 GB more at the start of each
-    stage). malloc_trim returns free heap pages; elsewhere than glibc this only collects garbage.
-    """
-    gc.collect()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)

@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 from transformers import TrainerCallback
 
+from selfalign.allocator import release_free_memory_over
 from selfalign.data.jsonl import write_text_atomic
 from selfalign.errors import SelfAlignError
 from selfalign.models.formats import PromptFormat, get_prompt_format
 from selfalign.models.loading import LoadedModel, load_model
-from selfalign.pipeline.memory import release_free_memory_over
 from selfalign.training.config import (
     EVAL_BEFORE,
     TRL_FIELDS,
