@@ -131,17 +131,29 @@ def frozen_matmuls_in_bf16(model: torch.nn.Module, enabled: bool = True) -> Iter
     if not enabled:
         yield False
         return
-    swapped = []
-    for name, module in model.named_modules():
-        lora_layer = any(part.startswith("lora_") for part in name.split("."))
-        if type(module) is torch.nn.Linear and not lora_layer and "forward" not in vars(module):
-            module.forward = _bf16_linear_forward(module, module.forward)
-            swapped.append(module)
-    _bf16_copies = Bf16Copies()
+    frozen_layers = [
+        module
+        for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear and not any(part.startswith("lora_") for part in name.split("."))
+    ]
+    with forwards_replaced(frozen_layers, lambda module: _bf16_linear_forward(module, module.forward)):
+        _bf16_copies = Bf16Copies()
+        try:
+            yield True
+        finally:
+            _bf16_copies = None
+
+
+@contextlib.contextmanager
+def forwards_replaced(modules: list[torch.nn.Module], forward_for: Any) -> Iterator[list[torch.nn.Module]]:
+    """Within the block, each module's forward is `forward_for(module)`, set on the instance and deleted after (also
+    on an error); a module whose instance already has its own forward is left alone. Yields the modules switched."""
+    swapped = [module for module in modules if "forward" not in vars(module)]
+    for module in swapped:
+        module.forward = forward_for(module)
     try:
-        yield True
+        yield swapped
     finally:
-        _bf16_copies = None
         for module in swapped:
             del module.forward
 
@@ -159,18 +171,13 @@ def lora_dropout_from_random_bits(model: torch.nn.Module, enabled: bool = True) 
     if not enabled:
         yield False
         return
-    swapped = [
+    lora_dropouts = [
         module
         for name, module in model.named_modules()
-        if type(module) is torch.nn.Dropout and "lora_dropout" in name.split(".") and "forward" not in vars(module)
+        if type(module) is torch.nn.Dropout and "lora_dropout" in name.split(".")
     ]
-    for module in swapped:
-        module.forward = _dropout_from_random_bits(module)
-    try:
+    with forwards_replaced(lora_dropouts, _dropout_from_random_bits) as swapped:
         yield bool(swapped)
-    finally:
-        for module in swapped:
-            del module.forward
 
 
 def _dropout_from_random_bits(module: torch.nn.Dropout) -> Any:
