@@ -5,7 +5,8 @@ checkpointing) for one epoch at batch 4 on the same preference pairs, no eval sp
 the code `selfalign train` runs. Tokens are the non-padding tokens fed to the model (TRL's `num_tokens`: prompt +
 answer for SFT, prompt + chosen and prompt + rejected for DPO). The reference log-probabilities are computed in a
 pass over the data before the first step when precomputed, so DPO is compared on its total time: that pass plus
-the steps (the setup between building the trainer and the first step is timed in both runs).
+the steps (the setup between building the trainer and the first step is timed in both runs). Each run starts with
+the heap's free pages handed back to the system, as the pipeline hands them back between stages.
 
     python benchmarks/training.py [--model embedded:gemma-3-270m] [--data examples/preferences.jsonl]
 
@@ -50,7 +51,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from selfalign.allocator import keep_large_blocks_for_reuse
+from selfalign.allocator import keep_large_blocks_for_reuse, release_free_memory
 from selfalign.training.config import load_training_config
 from selfalign.training.dpo import run_dpo
 from selfalign.training.sft import run_sft
@@ -69,6 +70,10 @@ class SetupTimer(TrainerCallback):
 
 
 def run(stage: str, config, data: str, out: Path) -> dict:
+    # Each run starts from the heap a pipeline stage starts from, the free pages of the runs before it handed back to
+    # the system (the pipeline does this between stages). Inheriting them, DPO's fast path, which runs after TRL's,
+    # found more than FREE_HEAP_LIMIT free after its first steps, handed it back and took it again by page faults.
+    release_free_memory()
     timer = SetupTimer()
     train = (run_sft if stage == "sft" else run_dpo)(config, data, out, callbacks=[timer]).metrics["train"]
     return {**train, "setup_s": timer.seconds, "total_s": timer.seconds + train["runtime_s"]}
