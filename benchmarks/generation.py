@@ -41,6 +41,15 @@ answers are identical (they must be: both take the first maximum).
     python benchmarks/generation.py --greedy-choice --prompts 96 --max-new-tokens 48 [--adapter PATH]
 
 Last line: ratio=<tok/s with max(dim).indices / tok/s with argmax>.
+
+With --continuous [--adapter PATH]: the transformers backend's continuous batching (rows join the running batch as
+others finish) against static batches (baseline, named: what the backend did before; the next batch starts when the
+last row of one has finished), `--chunk` prompts per `generate` call as `selfalign evaluate`'s chunk_size, in
+alternating rounds; prints tok/s of each and how many answers are the same (not all: rows share other steps).
+
+    python benchmarks/generation.py --continuous --prompts 901 --max-new-tokens 48 --batch-size 64 [--adapter PATH]
+
+Last line: ratio=<tok/s continuous / tok/s static>.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -67,7 +77,9 @@ def benchmark_prompts(count: int) -> list[str]:
     harmful = [row["prompt"] for row in read_reference_rows("builtin:redteam:test")]
     helpful = [row["prompt"] for row in read_reference_rows("builtin:helpful:test")]
     mixed = [prompt for pair in zip(harmful, helpful) for prompt in pair]
-    return mixed[:count]
+    # past the pairs (176), the rest of the red-team test set and the benign-sensitive one: the evaluation's prompts
+    rest = harmful[len(helpful) :] + [row["prompt"] for row in read_reference_rows("builtin:benign-sensitive:test")]
+    return (mixed + rest)[:count]
 
 
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
@@ -234,15 +246,21 @@ def loaded_backend(args: argparse.Namespace) -> tuple[TransformersBackend, list[
 
 
 def measured_generation(
-    backend: TransformersBackend, prompts: list[str], params: GenerationParams, label: str
+    backend: TransformersBackend, prompts: list[str], params: GenerationParams, label: str, chunk: int | None = None
 ) -> tuple[float, list[str]]:
-    """tok/s of one `generate` over the prompts (printed with its peak resident memory), and the answers."""
+    """tok/s of generating the prompts (printed with its peak resident memory), and the answers; `chunk` prompts per
+    `generate` call, as a stage's `chunk_size` (default: all in one)."""
     from selfalign.pipeline.engine import format_gb
     from selfalign.pipeline.memory import measure_peak_memory
 
+    chunk = chunk or len(prompts)
     started = time.perf_counter()
     with measure_peak_memory() as memory:
-        completions = backend.generate(prompts, params)
+        completions = [
+            completion
+            for start in range(0, len(prompts), chunk)
+            for completion in backend.generate(prompts[start : start + chunk], params)
+        ]
     seconds = time.perf_counter() - started
     tokens = sum(c.completion_tokens for c in completions)
     print(f"{label}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tok/s, "
@@ -267,31 +285,56 @@ def run_adapter(args: argparse.Namespace) -> None:
     print(f"ratio={ours / baseline:.2f}")
 
 
+def compare_in_rounds(
+    args: argparse.Namespace, backend: TransformersBackend, prompts: list[str], params: GenerationParams,
+    settings: dict[str, Callable[[], contextlib.AbstractContextManager]], chunk: int | None = None,
+) -> None:  # fmt: skip
+    """Generate under each setting (first: selfalign's; last: the baseline) in alternating rounds on the same prompts;
+    print each one's mean tok/s, how many answers the first and the last share, and their ratio."""
+    rates: dict[str, list[float]] = {label: [] for label in settings}
+    answers: dict[str, list[str]] = {}
+    for round_number in range(args.rounds):
+        for label, setting in settings.items() if round_number % 2 == 0 else reversed(settings.items()):
+            with setting():
+                rate, answers[label] = measured_generation(backend, prompts, params, label, chunk)
+            rates[label].append(rate)
+    ours, theirs = list(settings)[0], list(settings)[-1]
+    first, baseline = (sum(rates[label]) / len(rates[label]) for label in (ours, theirs))
+    same = sum(a == b for a, b in zip(answers[ours], answers[theirs]))
+    print(f"mean over {args.rounds} rounds: {first:.1f} against {baseline:.1f} tok/s; identical answers: "
+          f"{same}/{len(prompts)}")  # fmt: skip
+    print(f"ratio={first / baseline:.2f}")
+
+
+@contextlib.contextmanager
+def replaced(owner: object, name: str, value: object) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def run_greedy_choice(args: argparse.Namespace) -> None:
     """The greedy choice by max(dim).indices against argmax, alternating, in the same run."""
     from selfalign.backends import transformers_backend
 
     backend, prompts, params = loaded_backend(args)
-    ours = transformers_backend._first_max
-    choices = {
-        "selfalign backend (first maximum by max(dim).indices)": ours,
-        "baseline (argmax)": lambda scores: scores.argmax(dim=-1),
-    }
-    rates: dict[str, list[float]] = {label: [] for label in choices}
-    answers: dict[str, list[str]] = {}
-    for round_number in range(args.rounds):
-        for label, choose in choices.items() if round_number % 2 == 0 else reversed(choices.items()):
-            transformers_backend._first_max = choose
-            try:
-                rate, answers[label] = measured_generation(backend, prompts, params, label)
-            finally:
-                transformers_backend._first_max = ours
-            rates[label].append(rate)
-    first, baseline = (sum(values) / len(values) for values in rates.values())
-    same = sum(a == b for a, b in zip(*answers.values()))
-    print(f"mean over {args.rounds} rounds: {first:.1f} against {baseline:.1f} tok/s; identical answers: "
-          f"{same}/{len(prompts)}")  # fmt: skip
-    print(f"ratio={first / baseline:.2f}")
+    compare_in_rounds(args, backend, prompts, params, {
+        "selfalign backend (first maximum by max(dim).indices)": contextlib.nullcontext,
+        "baseline (argmax)": lambda: replaced(transformers_backend, "_first_max", lambda scores: scores.argmax(dim=-1)),
+    })  # fmt: skip
+
+
+def run_continuous(args: argparse.Namespace) -> None:
+    """Continuous batching against static batches (rows join only an empty batch), alternating, in the same run."""
+    backend, prompts, params = loaded_backend(args)
+    compare_in_rounds(args, backend, prompts, params, {
+        f"selfalign backend (continuous batching, chunks of {args.chunk})": contextlib.nullcontext,
+        f"baseline (static batches: the next starts when the last row of one finishes, chunks of {args.chunk})":
+            lambda: replaced(backend, "_takes_more", lambda batch, *rest: batch is None),
+    }, chunk=args.chunk)  # fmt: skip
 
 
 def main() -> None:
@@ -302,12 +345,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--openai", action="store_true", help="The openai backend against llama.cpp's server.")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="With --openai: levels.")
-    parser.add_argument("--rounds", type=int, default=2, help="--openai, --greedy-choice: interleaved runs of each.")
+    parser.add_argument("--rounds", type=int, default=2, help="--openai, --greedy-choice, --continuous: runs of each.")
     parser.add_argument("--servers", type=int, default=1, help="With --openai: server replicas.")
     parser.add_argument("--server-threads", type=int, help="With --openai: --n_threads of each server.")
     parser.add_argument("--adapter", nargs="?", const="fresh", help="Adapter generation, with and without the hook.")
     parser.add_argument("--greedy-choice", action="store_true", help="max(dim).indices against argmax.")
+    parser.add_argument("--continuous", action="store_true", help="Continuous batching against static batches.")
+    parser.add_argument("--chunk", type=int, default=256, help="With --continuous: prompts per generate call.")
     args = parser.parse_args()
+    if args.continuous:
+        run_continuous(args)
+        return
     if args.greedy_choice:
         run_greedy_choice(args)
         return

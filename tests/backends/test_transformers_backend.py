@@ -200,3 +200,59 @@ def test_greedy_choice_is_argmax_s_first_maximum_in_bf16_and_float32():
         scores[:, 7] = scores[:, 200_000] = 9
         assert torch.equal(_first_max(scores), scores.argmax(dim=-1))
         assert _first_max(scores).tolist() == [7] * 16
+
+
+def _spy_on_merges(monkeypatch) -> list[tuple[int, int]]:
+    """(rows before, rows joining) of every time rows join a running batch."""
+    from selfalign.backends import transformers_backend
+
+    merges: list[tuple[int, int]] = []
+    merged_with = transformers_backend._Batch.merged_with
+
+    def spy(batch, other):
+        merges.append((batch.size, other.size))
+        return merged_with(batch, other)
+
+    monkeypatch.setattr(transformers_backend._Batch, "merged_with", spy)
+    return merges
+
+
+MANY_PROMPTS = [SHARED[: 10 + 7 * i] + p for i, p in enumerate(PROMPTS)] + PROMPTS + [p + " Why?" for p in PROMPTS]
+
+
+def test_rows_join_the_running_batch_as_others_finish_and_answer_as_if_alone(wide_window_model, monkeypatch):
+    loaded = wide_window_model
+    backend = TransformersBackend(loaded.model, loaded.tokenizer, batch_size=4, show_progress=False)
+    merges = _spy_on_merges(monkeypatch)
+    widths = []  # (the batch's width, the most cached tokens of one of its rows) at each decoding step
+
+    def decode_step(batch, decoding, *rest):
+        cached = max(len(decoding.prompts[i]) + len(decoding.generated[i]) - 1 for i in batch.rows)  # last: pending
+        widths.append((batch.width, cached))
+        return original_step(batch, decoding, *rest)
+
+    original_step = backend._decode_step
+    monkeypatch.setattr(backend, "_decode_step", decode_step)
+    texts = [loaded.tokenizer.decode(reference_greedy(loaded, p, 14), skip_special_tokens=True) for p in MANY_PROMPTS]
+    stop = next(t[4:6] for t in texts if len(t) > 8 and t[4:6].strip())  # ends some rows early, so others join
+    completions = backend.generate(MANY_PROMPTS, GenerationParams(max_new_tokens=14, stop=[stop]))
+    assert [c.text for c in completions] == [t.split(stop)[0].strip() for t in texts]
+    assert merges and all(before > 0 and joining > 0 for before, joining in merges)
+    # padding that no row needs any more is dropped: the batch is as wide as its row with the most tokens
+    assert widths and all(width == cached for width, cached in widths)
+
+
+def test_logits_processors_read_each_row_s_own_tokens_when_rows_join_later(wide_window_model, monkeypatch):
+    """The repetition penalty and the n-gram ban read each row's history; rows that joined later keep their own."""
+    loaded = wide_window_model
+    merges = _spy_on_merges(monkeypatch)
+    for params in (GenerationParams(max_new_tokens=16, repetition_penalty=3.0, stop=["e"]),
+                   GenerationParams(max_new_tokens=16, no_repeat_ngram_size=2, stop=["e"])):  # fmt: skip
+        joined = TransformersBackend(loaded.model, loaded.tokenizer, batch_size=3, show_progress=False)
+        together = TransformersBackend(loaded.model, loaded.tokenizer, batch_size=64, show_progress=False)
+        merges.clear()
+        continuous = [c.text for c in joined.generate(MANY_PROMPTS, params)]
+        assert merges
+        merges.clear()
+        assert continuous == [c.text for c in together.generate(MANY_PROMPTS, params)]
+        assert not merges

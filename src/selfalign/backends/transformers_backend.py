@@ -1,16 +1,23 @@
 """Batched generation and scoring with a transformers model, tuned for throughput.
 
 Why a decoding loop of our own rather than `model.generate`: `generate` keeps computing every row of a batch until
-the last one finishes, so one long answer makes 31 finished rows burn compute. Here prompts are sorted by length
-(little padding), finished rows are dropped from the batch and its KV cache after each step, stop strings end a row
-as soon as they appear, and the prefill computes logits only for the last position (the embedded model's 262k-entry
+the last one finishes, so one long answer makes 31 finished rows burn compute. Here batching is continuous, as
+vLLM's and TGI's: prompts are taken longest first (little padding), finished rows are dropped from the batch and its
+KV cache after each step, and once a quarter of the batch is free the next prompts are prefilled together and join
+the running rows, their caches left-padded to one width, so that decoding steps stay full. Stop strings end a row as
+soon as they appear, and the prefill computes logits only for the last position (the embedded model's 262k-entry
 vocabulary makes full-sequence logits the largest cost of a prefill). Sampling uses transformers' own logits
 processors, so temperature, top-p and repetition penalty behave exactly as in `generate`.
+
+Which rows share a step depends on when others finish, and bf16 products round differently with the rows beside
+them: as `batch_size`, the batching is part of what a run's numbers are (the same prompts and settings give the same
+answers on the same machine).
 """
 
 from __future__ import annotations
 
 import copy
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +36,9 @@ from selfalign.errors import SelfAlignError
 from selfalign.progress import progress_bar
 
 MIN_SHARED_PREFIX = 16  # tokens; below this a shared prefix is not worth its bookkeeping
+# New rows join the batch once a quarter of it is free: each join costs a prefill call and a copy of the KV cache,
+# so joining one row at a time would cost more than the emptier steps it saves.
+REFILL_FRACTION = 4
 
 
 @dataclass
@@ -36,6 +46,133 @@ class SharedPrefix:
     length: int
     cache: Any  # a DynamicCache holding the prefix, batch size 1
     hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer [1, length, hidden], when asked for
+
+
+@dataclass
+class _Cohort:
+    """Rows that joined the batch together. They sit next to each other in the batch; where logits processors read
+    the rows' tokens, `history` holds them (the prompts left-padded to `prompt_width`, then the generated tokens)."""
+
+    history: torch.Tensor | None
+    prompt_width: int
+    size: int
+
+
+class _Decoding:
+    """Every prompt's generated tokens, stop-string text and finish reason, as rows of the batch produce them."""
+
+    def __init__(self, prompts: list[list[int]], tokenizer: Any, eos_ids: set[int]) -> None:
+        self.prompts, self.tokenizer, self.eos_ids = prompts, tokenizer, eos_ids
+        self.generated: list[list[int]] = [[] for _ in prompts]
+        self.texts = [""] * len(prompts)
+        self.finish = ["length"] * len(prompts)
+        self._finished = self._tokens = 0  # since the progress bar last asked
+
+    def goes_on(self, index: int, token: int, params: GenerationParams) -> bool:
+        """Record the token prompt `index` chose; whether it decodes on."""
+        if token in self.eos_ids:
+            self.finish[index] = "stop"
+            self._finished += 1
+            return False
+        self.generated[index].append(token)
+        self._tokens += 1
+        if params.stop:
+            text = self.tokenizer.decode(self.generated[index], skip_special_tokens=True)
+            self.texts[index], stopped = truncate_at_stop(text, params.stop)
+            if stopped:
+                self.finish[index] = "stop"
+                self._finished += 1
+                return False
+        if len(self.generated[index]) >= params.max_new_tokens:
+            self._finished += 1
+            return False
+        return True
+
+    def newly_finished(self) -> int:
+        count, self._finished = self._finished, 0
+        return count
+
+    def newly_generated(self) -> int:
+        count, self._tokens = self._tokens, 0
+        return count
+
+
+@dataclass
+class _Batch:
+    """The rows decoding together: their KV cache and attention mask (left-padded to a common width), the position
+    of each row's last cached token, the token each feeds next, the prompt each answers, and their cohorts in order."""
+
+    cache: Any
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    rows: list[int]
+    cohorts: list[_Cohort]
+    next_tokens: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def width(self) -> int:
+        return self.attention_mask.shape[1]
+
+    def can_take(self, window: int | None, joining_width: int, params: GenerationParams) -> bool:
+        """Whether rows as wide as `joining_width` can join: only while every row, padding included, stays inside
+        the sliding attention window, whose layers drop their oldest positions, so that padding them is not safe."""
+        return window is None or max(self.width, joining_width) + params.max_new_tokens < window - 1
+
+    def advanced(self, next_tokens: torch.Tensor, decoding: _Decoding, params: GenerationParams) -> _Batch:
+        """Record the chosen tokens, drop the rows that finished, and drop padding no row needs any more."""
+        keep = [
+            row for row, token in enumerate(next_tokens.tolist()) if decoding.goes_on(self.rows[row], token, params)
+        ]
+        if not keep:
+            self.rows = []
+            return self
+        if len(keep) < self.size:
+            keep_index = torch.tensor(keep, device=self.attention_mask.device)
+            self.cache.batch_select_indices(keep_index)
+            self.attention_mask, self.position_ids = self.attention_mask[keep_index], self.position_ids[keep_index]
+            next_tokens = next_tokens[keep_index]
+            kept, start = set(keep), 0
+            for cohort in self.cohorts:
+                own = [row - start for row in range(start, start + cohort.size) if row in kept]
+                start += cohort.size
+                if cohort.history is not None and len(own) < cohort.size:
+                    cohort.history = cohort.history[torch.tensor(own, dtype=torch.long)]
+                cohort.size = len(own)
+            self.cohorts = [cohort for cohort in self.cohorts if cohort.size]
+            self.rows = [self.rows[row] for row in keep]
+        start = 0
+        for cohort in self.cohorts:
+            if cohort.history is not None:
+                cohort.history = torch.cat([cohort.history, next_tokens[start : start + cohort.size, None]], dim=-1)
+            start += cohort.size
+        self.next_tokens = next_tokens
+        unused = int(self.attention_mask.any(dim=0).int().argmax())  # leading columns that are padding in every row
+        if unused and _cache_is_whole(self.cache, self.width):
+            _trim_cache_left(self.cache, unused)
+            self.attention_mask = self.attention_mask[:, unused:]
+        return self
+
+    def merged_with(self, other: _Batch) -> _Batch:
+        """This batch with `other`'s rows after its own, both left-padded to the wider one's width."""
+        if not other.size:
+            return self
+        width = max(self.width, other.width)
+        for batch in (self, other):
+            if batch.width < width:
+                _pad_cache_left(batch.cache, width - batch.width)
+                padding = batch.attention_mask.new_zeros((batch.size, width - batch.width))
+                batch.attention_mask = torch.cat([padding, batch.attention_mask], dim=-1)
+        _concatenate_caches(self.cache, other.cache)
+        self.attention_mask = torch.cat([self.attention_mask, other.attention_mask])
+        self.position_ids = torch.cat([self.position_ids, other.position_ids])
+        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+        self.rows += other.rows
+        self.cohorts += other.cohorts
+        return self
 
 
 class TransformersBackend:
@@ -55,80 +192,87 @@ class TransformersBackend:
     # ---- generation -------------------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Completion]:
+        """Continuous batching: up to `batch_size` rows decode together, and as rows finish, the next prompts (longest
+        first) are prefilled and join the running batch, so that decoding steps stay full (module docstring)."""
         encoded = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: memory peaks early
-        results: list[Completion | None] = [None] * len(prompts)
+        longest_first = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # memory peaks early
+        pending = deque(longest_first)
+        decoding = _Decoding(encoded, self.tokenizer, self.eos_ids)
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
         processors = _logits_processors(params)
         prefix = self._shared_prefix(encoded)
+        window = _sliding_window(self.model.config)
         with progress_bar("generating", total=len(prompts), enabled=self.show_progress, unit="tok") as bar:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
-                completions = self._generate_batch([encoded[i] for i in batch], params, processors, generator, prefix)
-                for index, completion in zip(batch, completions):
-                    results[index] = completion
-                bar.advance(len(batch), tokens=sum(c.completion_tokens for c in completions))
-        return results  # type: ignore[return-value]
+            batch: _Batch | None = None
+            while pending or batch is not None:
+                if pending and self._takes_more(batch, len(encoded[pending[0]]), window, params):
+                    free = self.batch_size - (batch.size if batch else 0)
+                    joining = [pending.popleft() for _ in range(min(free, len(pending)))]
+                    cohort = self._start_cohort(joining, decoding, params, processors, generator, prefix)
+                    batch = cohort if batch is None else batch.merged_with(cohort)
+                else:
+                    batch = self._decode_step(batch, decoding, params, processors, generator)
+                bar.advance(decoding.newly_finished(), tokens=decoding.newly_generated())
+                if batch is not None and not batch.size:
+                    batch = None
+        return [
+            self._completion(encoded[i], decoding.generated[i], decoding.texts[i], decoding.finish[i], params)
+            for i in range(len(prompts))
+        ]
+
+    def _takes_more(
+        self, batch: _Batch | None, joining_width: int, window: int | None, params: GenerationParams
+    ) -> bool:
+        if batch is None:
+            return True
+        free = self.batch_size - batch.size
+        return free >= max(1, self.batch_size // REFILL_FRACTION) and batch.can_take(window, joining_width, params)
 
     @torch.inference_mode()
-    def _generate_batch(
-        self,
-        prompt_ids: list[list[int]],
-        params: GenerationParams,
-        processors: Any,
-        generator: torch.Generator,
-        prefix: SharedPrefix | None,
-    ) -> list[Completion]:
+    def _start_cohort(
+        self, joining: list[int], decoding: _Decoding, params: GenerationParams, processors: Any,
+        generator: torch.Generator, prefix: SharedPrefix | None,
+    ) -> _Batch:  # fmt: skip
+        """Prefill prompts that join the batch together (a cohort) and choose their first tokens."""
+        prompt_ids = [decoding.prompts[i] for i in joining]
         logits, cache, attention_mask, position_ids = self._prefill(prompt_ids, prefix, logits_to_keep=1)
         # prompt + generated tokens of the active rows, which the repetition penalty looks at (the n-gram ban looks at
         # the generated part only: an answer may repeat what its prompt said, e.g. a forced refusal prefix)
         history = self._left_pad(prompt_ids)[0] if processors or params.no_repeat_ngram_size else None
-        prompt_width = history.shape[1] if history is not None else 0
-        active = list(range(len(prompt_ids)))  # batch row -> index into prompt_ids
-        generated: list[list[int]] = [[] for _ in prompt_ids]
-        finish: list[str] = ["length"] * len(prompt_ids)
-        texts: list[str] = [""] * len(prompt_ids)
-        step_input: torch.Tensor | None = None  # the tokens chosen at the previous step
-        for step in range(params.max_new_tokens):
-            if step > 0:
-                logits = self.model(
-                    input_ids=step_input,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{self.cache_argument: cache},
-                ).logits
-            next_tokens = self._choose_tokens(history, prompt_width, logits[:, -1, :], params, processors, generator)
-            keep: list[int] = []
-            for row, token in enumerate(next_tokens.tolist()):
-                index = active[row]
-                if token in self.eos_ids:
-                    finish[index] = "stop"
-                    continue
-                generated[index].append(token)
-                if params.stop:
-                    text = self.tokenizer.decode(generated[index], skip_special_tokens=True)
-                    texts[index], stopped = truncate_at_stop(text, params.stop)
-                    if stopped:
-                        finish[index] = "stop"
-                        continue
-                keep.append(row)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                keep_index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(keep_index)
-                attention_mask = attention_mask[keep_index]
-                position_ids = position_ids[keep_index]
-                history = history[keep_index] if history is not None else None
-                next_tokens = next_tokens[keep_index]
-                active = [active[row] for row in keep]
-            step_input = next_tokens.unsqueeze(-1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
-            position_ids = position_ids[:, -1:] + 1
-            history = torch.cat([history, step_input], dim=-1) if history is not None else None
-        return [self._completion(prompt_ids[i], generated[i], texts[i], finish[i], params) for i in range(len(texts))]
+        cohort = _Cohort(history, history.shape[1] if history is not None else 0, len(joining))
+        batch = _Batch(cache, attention_mask, position_ids[:, -1:], joining, [cohort])
+        next_tokens = self._choose_tokens(history, cohort.prompt_width, logits[:, -1, :], params, processors, generator)
+        return batch.advanced(next_tokens, decoding, params)
+
+    @torch.inference_mode()
+    def _decode_step(
+        self, batch: _Batch, decoding: _Decoding, params: GenerationParams, processors: Any,
+        generator: torch.Generator,
+    ) -> _Batch:  # fmt: skip
+        """Feed every row the token it chose last, and choose the next (per cohort where logits processors read the
+        rows' histories, which are laid out per cohort)."""
+        attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((batch.size, 1))], dim=-1)
+        position_ids = batch.position_ids + 1
+        logits = self.model(
+            input_ids=batch.next_tokens.unsqueeze(-1),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_argument: batch.cache},
+        ).logits[:, -1, :]
+        batch.attention_mask, batch.position_ids = attention_mask, position_ids
+        if batch.cohorts[0].history is None:
+            next_tokens = self._choose_tokens(None, 0, logits, params, processors, generator)
+        else:
+            chosen, start = [], 0
+            for cohort in batch.cohorts:
+                rows = slice(start, start + cohort.size)
+                chosen.append(self._choose_tokens(cohort.history, cohort.prompt_width, logits[rows], params, processors,
+                                                  generator))  # fmt: skip
+                start += cohort.size
+            next_tokens = torch.cat(chosen)
+        return batch.advanced(next_tokens, decoding, params)
 
     def _choose_tokens(
         self, history: torch.Tensor, prompt_width: int, logits: torch.Tensor, params: GenerationParams,
@@ -303,9 +447,7 @@ class TransformersBackend:
         first = sequences[0]
         for sequence in sequences[1:]:
             length = next((i for i in range(length) if sequence[i] != first[i]), length)
-        window = getattr(self.model.config, "sliding_window", None) or getattr(
-            getattr(self.model.config, "text_config", None), "sliding_window", None
-        )
+        window = _sliding_window(self.model.config)
         if length < MIN_SHARED_PREFIX or (window and max(len(s) for s in sequences) >= window):
             return None
         from transformers import DynamicCache
@@ -365,6 +507,45 @@ class TransformersBackend:
                 ids[row, width - len(sequence) :] = torch.tensor(sequence)
                 mask[row, width - len(sequence) :] = 1
         return ids.to(self.device), mask.to(self.device)
+
+
+def _sliding_window(config: Any) -> int | None:
+    text_config = getattr(config, "text_config", None)
+    return getattr(config, "sliding_window", None) or getattr(text_config, "sliding_window", None)
+
+
+def _cache_layers(cache: Any) -> list[Any]:
+    """The cache's layers that hold keys and values (a layer that shares another's holds none)."""
+    return [layer for layer in cache.layers if getattr(layer, "is_initialized", False) and layer.keys.numel()]
+
+
+def _set_keys_and_values(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    layer.keys, layer.values = keys, values
+    if hasattr(layer, "cumulative_length"):  # a sliding-window layer counts the positions it has seen
+        layer.cumulative_length = keys.shape[-2]
+
+
+def _cache_is_whole(cache: Any, width: int) -> bool:
+    """Whether every layer still holds all `width` positions (a sliding-window layer drops the oldest ones)."""
+    return all(layer.keys.shape[-2] == width for layer in _cache_layers(cache))
+
+
+def _trim_cache_left(cache: Any, count: int) -> None:
+    for layer in _cache_layers(cache):
+        _set_keys_and_values(layer, layer.keys[:, :, count:], layer.values[:, :, count:])
+
+
+def _pad_cache_left(cache: Any, count: int) -> None:
+    for layer in _cache_layers(cache):
+        keys, values = layer.keys, layer.values
+        padding = keys.new_zeros((*keys.shape[:2], count, keys.shape[3]))
+        _set_keys_and_values(layer, torch.cat([padding, keys], dim=-2), torch.cat([padding, values], dim=-2))
+
+
+def _concatenate_caches(cache: Any, other: Any) -> None:
+    """`other`'s rows appended to `cache`'s (both as wide)."""
+    for layer, joining in zip(_cache_layers(cache), _cache_layers(other), strict=True):
+        _set_keys_and_values(layer, torch.cat([layer.keys, joining.keys]), torch.cat([layer.values, joining.values]))
 
 
 def _first_max(scores: torch.Tensor) -> torch.Tensor:

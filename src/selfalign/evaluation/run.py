@@ -81,7 +81,9 @@ class EvaluateConfig(StrictModel):
     bootstrap_samples: int = Field(1000, ge=100)
     seed: int = 0
     examples: int = Field(3, ge=0, description="Example answers shown side by side in the report.")
-    chunk_size: int = Field(64, ge=1, description="Items per resumable chunk.")
+    # A chunk is what the model batches over: a few times the batch size, so that rows joining as others finish keep
+    # decoding steps full (continuous batching); a killed run redoes at most one chunk.
+    chunk_size: int = Field(256, ge=1, description="Items per resumable chunk.")
 
     @model_validator(mode="after")
     def _check_external_judge(self) -> EvaluateConfig:
