@@ -249,7 +249,7 @@ class TransformersBackend:
         self, batch: _Batch, decoding: _Decoding, params: GenerationParams, processors: Any,
         generator: torch.Generator,
     ) -> _Batch:  # fmt: skip
-        """Feed every row the token it chose last, and choose the next (per cohort where logits processors read the
+        """Feed every row the token it chose last, and choose the next, cohort by cohort (logits processors read the
         rows' histories, which are laid out per cohort)."""
         attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((batch.size, 1))], dim=-1)
         position_ids = batch.position_ids + 1
@@ -262,17 +262,13 @@ class TransformersBackend:
             **{self.cache_argument: batch.cache},
         ).logits[:, -1, :]
         batch.attention_mask, batch.position_ids = attention_mask, position_ids
-        if batch.cohorts[0].history is None:
-            next_tokens = self._choose_tokens(None, 0, logits, params, processors, generator)
-        else:
-            chosen, start = [], 0
-            for cohort in batch.cohorts:
-                rows = slice(start, start + cohort.size)
-                chosen.append(self._choose_tokens(cohort.history, cohort.prompt_width, logits[rows], params, processors,
-                                                  generator))  # fmt: skip
-                start += cohort.size
-            next_tokens = torch.cat(chosen)
-        return batch.advanced(next_tokens, decoding, params)
+        chosen, start = [], 0
+        for cohort in batch.cohorts:
+            rows = slice(start, start + cohort.size)
+            chosen.append(self._choose_tokens(cohort.history, cohort.prompt_width, logits[rows], params, processors,
+                                              generator))  # fmt: skip
+            start += cohort.size
+        return batch.advanced(torch.cat(chosen), decoding, params)
 
     def _choose_tokens(
         self, history: torch.Tensor, prompt_width: int, logits: torch.Tensor, params: GenerationParams,
