@@ -45,7 +45,8 @@ Last line: ratio=<tok/s with max(dim).indices / tok/s with argmax>.
 With --continuous [--adapter PATH]: the transformers backend's continuous batching (rows join the running batch as
 others finish) against static batches (baseline, named: what the backend did before; the next batch starts when the
 last row of one has finished), `--chunk` prompts per `generate` call as `selfalign evaluate`'s chunk_size, in
-alternating rounds; prints tok/s of each and how many answers are the same (not all: rows share other steps).
+alternating rounds; prints tok/s of each, how full the decoding steps were and how long the prefills took, and how
+many answers are the same (not all: rows share other steps).
 
     python benchmarks/generation.py --continuous --prompts 901 --max-new-tokens 48 --batch-size 64 [--adapter PATH]
 
@@ -330,11 +331,42 @@ def run_greedy_choice(args: argparse.Namespace) -> None:
 def run_continuous(args: argparse.Namespace) -> None:
     """Continuous batching against static batches (rows join only an empty batch), alternating, in the same run."""
     backend, prompts, params = loaded_backend(args)
+
+    @contextlib.contextmanager
+    def static_batches() -> Iterator[None]:
+        with replaced(backend, "_takes_more", lambda batch, *rest: batch is None), occupancy(backend, "static"):
+            yield
+
     compare_in_rounds(args, backend, prompts, params, {
-        f"selfalign backend (continuous batching, chunks of {args.chunk})": contextlib.nullcontext,
+        f"selfalign backend (continuous batching, chunks of {args.chunk})": lambda: occupancy(backend, "continuous"),
         f"baseline (static batches: the next starts when the last row of one finishes, chunks of {args.chunk})":
-            lambda: replaced(backend, "_takes_more", lambda batch, *rest: batch is None),
+            static_batches,
     }, chunk=args.chunk)  # fmt: skip
+
+
+@contextlib.contextmanager
+def occupancy(backend: TransformersBackend, label: str) -> Iterator[None]:
+    """Print, after the block, how full the decoding steps were and how long the prefills took."""
+    steps, rows, prefill_seconds, prefills = 0, 0, 0.0, 0
+    decode_step, prefill = backend._decode_step, backend._prefill
+
+    def counted_step(batch, *rest):
+        nonlocal steps, rows
+        steps, rows = steps + 1, rows + batch.size
+        return decode_step(batch, *rest)
+
+    def timed_prefill(*arguments, **keywords):
+        nonlocal prefill_seconds, prefills
+        started = time.perf_counter()
+        try:
+            return prefill(*arguments, **keywords)
+        finally:
+            prefill_seconds, prefills = prefill_seconds + time.perf_counter() - started, prefills + 1
+
+    with replaced(backend, "_decode_step", counted_step), replaced(backend, "_prefill", timed_prefill):
+        yield
+    print(f"  {label}: {steps} decoding steps, {rows / max(steps, 1):.1f} rows a step on average (batch "
+          f"{backend.batch_size}); {prefills} prefills, {prefill_seconds:.1f} s")  # fmt: skip
 
 
 def main() -> None:
