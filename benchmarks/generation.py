@@ -51,6 +51,27 @@ many answers are the same (not all: rows share other steps).
     python benchmarks/generation.py --continuous --prompts 901 --max-new-tokens 48 --batch-size 64 [--adapter PATH]
 
 Last line: ratio=<tok/s continuous / tok/s static>.
+
+With --prepacked [--adapter PATH]: the output projection computed from a copy of its bf16 weight laid out once for
+oneDNN (what the backend does on CPUs with bf16 units) against `nn.Linear`'s own forward (baseline, named: oneDNN
+reorders the 262k x 640 weight at every call), alternating; prints tok/s of each and how many answers are the same.
+
+    python benchmarks/generation.py --prepacked --prompts 256 --max-new-tokens 48 --batch-size 64
+
+With --merge --adapter PATH: the adapter merged into the bf16 weights (as `selfalign evaluate` answers with
+`merge_adapters: true`) against PEFT's unmerged LoRA layers (baseline, named), alternating; then the same adapter
+unmerged in float32 answers once, and how many answers of each side are identical to its answers is printed (the
+fidelity each side pays for its rounding).
+
+    python benchmarks/generation.py --merge --adapter PATH --prompts 256 --max-new-tokens 48 --batch-size 64
+
+With --scoring: judge prompts (the `complies` template over the backend's own answers to the prompts) scored in passes
+of at most PREFILL_TOKENS tokens (what the backend does) against passes of --batch-size rows (baseline, named: what
+it did before), alternating; prints seconds of each and the largest difference between their scores.
+
+    python benchmarks/generation.py --scoring --prompts 256 --max-new-tokens 48 --batch-size 64
+
+Last line (each): ratio=<selfalign's rate / the baseline's>.
 """
 
 from __future__ import annotations
@@ -289,9 +310,10 @@ def run_adapter(args: argparse.Namespace) -> None:
 def compare_in_rounds(
     args: argparse.Namespace, backend: TransformersBackend, prompts: list[str], params: GenerationParams,
     settings: dict[str, Callable[[], contextlib.AbstractContextManager]], chunk: int | None = None,
-) -> None:  # fmt: skip
+) -> dict[str, list[str]]:  # fmt: skip
     """Generate under each setting (first: selfalign's; last: the baseline) in alternating rounds on the same prompts;
-    print each one's mean tok/s, how many answers the first and the last share, and their ratio."""
+    print each one's mean tok/s, how many answers the first and the last share, and their ratio; return the answers
+    under each setting."""
     rates: dict[str, list[float]] = {label: [] for label in settings}
     answers: dict[str, list[str]] = {}
     for round_number in range(args.rounds):
@@ -305,6 +327,7 @@ def compare_in_rounds(
     print(f"mean over {args.rounds} rounds: {first:.1f} against {baseline:.1f} tok/s; identical answers: "
           f"{same}/{len(prompts)}")  # fmt: skip
     print(f"ratio={first / baseline:.2f}")
+    return answers
 
 
 @contextlib.contextmanager
@@ -342,6 +365,78 @@ def run_continuous(args: argparse.Namespace) -> None:
         f"baseline (static batches: the next starts when the last row of one finishes, chunks of {args.chunk})":
             static_batches,
     }, chunk=args.chunk)  # fmt: skip
+
+
+def run_prepacked(args: argparse.Namespace) -> None:
+    """The output projection from its prepacked weight against a plain bf16 linear, alternating, in the same run."""
+    backend, prompts, params = loaded_backend(args)
+    projection = backend.model.get_output_embeddings()
+    compare_in_rounds(args, backend, prompts, params, {
+        "selfalign backend (output projection from its prepacked weight)": contextlib.nullcontext,
+        "baseline (plain bf16 linear, oneDNN reorders the weight at every call)":
+            lambda: replaced(projection, "forward", torch.nn.Linear.forward.__get__(projection)),
+    }, chunk=args.chunk)  # fmt: skip
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    """An adapter merged into the bf16 weights (as `selfalign evaluate` answers; first) against PEFT's unmerged LoRA
+    layers (the baseline), alternating, in the same run; then how many answers of each match float32's."""
+    from selfalign.backends import transformers_backend
+    from selfalign.backends.language_model import ModelConfig
+
+    if args.adapter in (None, "fresh"):
+        raise SystemExit("--merge needs --adapter PATH, a trained adapter (a fresh one adds zero)")
+    backend, prompts, params = loaded_backend(args)
+    merged = transformers_backend.create_transformers_backend(
+        ModelConfig(model=args.model, adapter=args.adapter, batch_size=args.batch_size)
+    )
+    merged.merge_adapter()
+    answers = compare_in_rounds(args, backend, prompts, params, {
+        "merged": lambda: replaced(backend, "model", merged.model),
+        "unmerged": contextlib.nullcontext,
+    }, chunk=args.chunk)  # fmt: skip
+    # Fidelity: the same adapter unmerged in float32, which neither bf16 model rounds
+    reference = transformers_backend.create_transformers_backend(
+        ModelConfig(model=args.model, adapter=args.adapter, batch_size=args.batch_size, dtype="float32")
+    )
+    reference.show_progress = False
+    _, truth = measured_generation(reference, prompts, params, "float32 reference (unmerged)", args.chunk)
+    for label, texts in answers.items():
+        print(f"{label}: {sum(a == b for a, b in zip(texts, truth))}/{len(prompts)} answers identical to float32's")
+
+
+def run_scoring(args: argparse.Namespace) -> None:
+    """Judge prompts (the `complies` template over the backend's own answers) scored in passes of at most
+    PREFILL_TOKENS tokens against passes of batch_size rows, alternating, in the same run."""
+    from selfalign.backends import transformers_backend
+    from selfalign.judging.judge import render_judge_prompts
+    from selfalign.judging.templates import load_template
+
+    backend, prompts, params = loaded_backend(args)
+    requests = benchmark_prompts(args.prompts)
+    answers = [c.text for c in backend.generate(prompts, params)]
+    prompt_format = get_prompt_format(backend.tokenizer)
+    template = load_template("complies")
+    texts = [prompt_format.render_prompt(t) + prompt_format.completion_prefix + template.response_prefix
+             for t in render_judge_prompts(template, requests, answers)]  # fmt: skip
+    settings = {
+        f"selfalign backend (at most {transformers_backend.PREFILL_TOKENS} tokens a pass)": contextlib.nullcontext,
+        f"baseline ({args.batch_size} rows a pass)": lambda: replaced(transformers_backend, "PREFILL_TOKENS", 10**9),
+    }
+    seconds: dict[str, list[float]] = {label: [] for label in settings}
+    scores: dict[str, list[float]] = {}
+    for round_number in range(args.rounds):
+        for label, setting in settings.items() if round_number % 2 == 0 else reversed(settings.items()):
+            with setting():
+                started = time.perf_counter()
+                scores[label] = backend.score(texts, [" 1"] * len(texts))
+                seconds[label].append(time.perf_counter() - started)
+            print(f"{label}: {len(texts)} judge prompts in {seconds[label][-1]:.1f} s")
+    ours, baseline = (sum(values) / len(values) for values in seconds.values())
+    largest = max(abs(a - b) for a, b in zip(*scores.values()))
+    print(f"mean over {args.rounds} rounds: {ours:.1f} against {baseline:.1f} s; largest score difference "
+          f"{largest:.3g}")  # fmt: skip
+    print(f"ratio={baseline / ours:.2f}")
 
 
 @contextlib.contextmanager
@@ -383,8 +478,15 @@ def main() -> None:
     parser.add_argument("--adapter", nargs="?", const="fresh", help="Adapter generation, with and without the hook.")
     parser.add_argument("--greedy-choice", action="store_true", help="max(dim).indices against argmax.")
     parser.add_argument("--continuous", action="store_true", help="Continuous batching against static batches.")
-    parser.add_argument("--chunk", type=int, default=256, help="With --continuous: prompts per generate call.")
+    parser.add_argument("--chunk", type=int, default=256, help="Prompts per generate call (--continuous, ...).")
+    parser.add_argument("--prepacked", action="store_true", help="Prepacked output projection against plain.")
+    parser.add_argument("--merge", action="store_true", help="With --adapter PATH: merged against unmerged LoRA.")
+    parser.add_argument("--scoring", action="store_true", help="Token-capped scoring passes against row-capped.")
     args = parser.parse_args()
+    for flag, run in (("prepacked", run_prepacked), ("merge", run_merge), ("scoring", run_scoring)):
+        if getattr(args, flag):
+            run(args)
+            return
     if args.continuous:
         run_continuous(args)
         return

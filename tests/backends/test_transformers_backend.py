@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from selfalign.backends.base import GenerationParams
-from selfalign.backends.transformers_backend import TransformersBackend
+from selfalign.backends.transformers_backend import PREPACKED, TransformersBackend, create_transformers_backend
 from selfalign.models.loading import load_model
 
 PROMPTS = [
@@ -153,6 +153,51 @@ def test_a_frozen_output_projection_is_fed_contiguous_rows(tiny_model_dir):
     assert seen and all(seen)
     # A fresh LoRA adds zero, so the copy changes no answer.
     assert [c.text for c in completions] == [c.text for c in greedy_before]
+
+
+@pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    reason="prepacking is for CPUs with bf16 units",
+)
+def test_a_bf16_output_projection_is_prepacked_and_computes_the_same_logits_and_answers(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), dtype="bfloat16")
+    projection = loaded.model.get_output_embeddings()
+    hidden = torch.randn(5, 3, projection.in_features, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        plain = torch.nn.functional.linear(hidden, projection.weight)
+        backend = TransformersBackend(loaded.model, loaded.tokenizer, batch_size=2, show_progress=False)
+        assert hasattr(projection, PREPACKED)
+        assert torch.equal(projection(hidden), plain)
+    prepacked = backend.generate(PROMPTS, GenerationParams(max_new_tokens=8))
+    del projection.forward  # nn.Linear's own forward again
+    assert [c.text for c in backend.generate(PROMPTS, GenerationParams(max_new_tokens=8))] == [
+        c.text for c in prepacked
+    ]
+
+
+def test_a_float32_output_projection_is_left_as_it_is(loaded, backend):
+    assert not hasattr(loaded.model.get_output_embeddings(), PREPACKED)
+
+
+def test_a_merged_adapter_answers_and_scores_as_the_unmerged_one(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from selfalign.backends.language_model import ModelConfig
+
+    loaded = load_model(str(tiny_model_dir), dtype="float32")
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(loaded.model, lora).save_pretrained(str(tmp_path / "adapter"))  # random: it changes answers
+    config = ModelConfig(model=str(tiny_model_dir), adapter=str(tmp_path / "adapter"), dtype="float32", batch_size=3)
+    unmerged, merged = create_transformers_backend(config), create_transformers_backend(config)
+    merged.merge_adapter()
+    assert isinstance(unmerged.model, PeftModel) and not isinstance(merged.model, PeftModel)
+    base = create_transformers_backend(config.model_copy(update={"adapter": None}))
+    params = GenerationParams(max_new_tokens=10)
+    answers = {name: [c.text for c in b.generate(PROMPTS, params)]
+               for name, b in (("unmerged", unmerged), ("merged", merged), ("base", base))}  # fmt: skip
+    assert answers["merged"] == answers["unmerged"] != answers["base"]
+    continuations = [" Paris"] * len(PROMPTS)
+    assert merged.score(PROMPTS, continuations) == pytest.approx(unmerged.score(PROMPTS, continuations), abs=1e-4)
 
 
 @pytest.fixture(scope="module")

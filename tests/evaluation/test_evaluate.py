@@ -89,6 +89,30 @@ def test_evaluate_writes_every_output_with_known_rates(tmp_path, prompt_files, s
     assert "weapons" in report and "P(first better)" in report and "XSTest's three classes" in report
 
 
+def test_adapter_variants_answer_merged_and_the_judge_keeps_its_model_as_loaded(tmp_path, prompt_files, monkeypatch):
+    harmful, benign, helpful, adapter = prompt_files
+    merged = []
+
+    def fake_load(config):
+        model = scripted_model(rules=aligned_answer if config.adapter else base_answer, score_rule=score_rule)
+        model.config = config
+        model.backend.merge_adapter = lambda: merged.append(config.adapter)
+        return model
+
+    monkeypatch.setattr(evaluation_run, "load_language_model", fake_load)
+    judge_adapter = tmp_path / "judge-adapter"  # a judge model with an adapter of its own is not merged
+    judge = JudgeConfig(model={"model": "judge", "backend": "scripted", "adapter": str(judge_adapter)})
+    config = EvaluateConfig(harmful=str(harmful), benign=str(benign), helpful=str(helpful),
+                            adapters={"dpo": str(adapter)}, judge=judge, bootstrap_samples=200)  # fmt: skip
+    evaluate(config, tmp_path / "eval")
+    assert merged == [str(adapter)]
+    unmerged = config.model_copy(update={"merge_adapters": False})
+    evaluate(unmerged, tmp_path / "unmerged")
+    assert merged == [str(adapter)]
+    with pytest.raises(SelfAlignError, match="settings"):  # merged answers are not resumed as unmerged ones
+        evaluate(unmerged, tmp_path / "eval")
+
+
 def test_a_rerun_resumes_without_generating_again(tmp_path, prompt_files, scripted_variants):
     harmful, benign, helpful, adapter = prompt_files
     config = EvaluateConfig(harmful=str(harmful), benign=str(benign), helpful=str(helpful),

@@ -119,6 +119,13 @@ class LanguageModel:
         if callable(close):
             close()
 
+    def merge_adapter(self) -> None:
+        """For a model that only answers and scores: fold its adapter into its weights where the backend can
+        (transformers: `TransformersBackend.merge_adapter`), which makes it faster; a no-op elsewhere."""
+        merge = getattr(self.backend, "merge_adapter", None)
+        if callable(merge) and self.config.adapter:
+            merge()
+
     def with_adapter(self, config: ModelConfig) -> LanguageModel:
         """Variant `config` (this model with another adapter, or none) on this model's engine: backends in
         BACKENDS.serves_adapters only, loaded with that adapter among `adapters`."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,11 @@ MIN_SHARED_PREFIX = 16  # tokens; below this a shared prefix is not worth its bo
 # New rows join the batch once a quarter of it is free: each join costs a prefill call and a copy of the KV cache,
 # so joining one row at a time would cost more than the emptier steps it saves.
 REFILL_FRACTION = 4
+# Scoring and hidden-state passes take at most this many tokens of the rows' own (rows x the longest row) at once,
+# however large batch_size is: past it, their float32 norms and activations outgrow the CPU caches. With the embedded
+# model on 2 cores at batch 64, 256 judge prompts (~128 tokens each after the shared prefix) scored 1.29x as fast
+# (benchmarks/generation.py --scoring); judging the v2 test sets' answers of three variants took 103 s against 107-109.
+PREFILL_TOKENS = 3072
 
 
 @dataclass
@@ -188,6 +193,23 @@ class TransformersBackend:
         self.eos_ids = _eos_token_ids(model, tokenizer)
         self.cache_argument = _cache_argument_name(model)
         _feed_output_projection_contiguous_rows(model)
+        _prepack_output_projection(model, batch_size)
+
+    def merge_adapter(self) -> None:
+        """Fold the PEFT adapter into the weights (PEFT's `merge_and_unload`), for a model that only answers and scores.
+
+        Unmerged, each of the adapted layers (126 in the embedded model) adds a cast to float32, two small products and
+        an add to every forward pass: merged, the demo's adapters generate 1.3x as fast on 2 CPU cores
+        (`benchmarks/generation.py --merge`). The merged weights are the adapted model's own rounded to bf16, as the
+        base model's are, but not the same numbers as bf16 base weights plus a float32 LoRA: some greedy answers
+        differ (BENCHMARKS.md). A 4-bit model keeps its adapter apart: merging would quantise the sum again. Not for
+        a model that a judge adapter may be attached to (`judge_adapter_enabled` switches the policy's adapter off),
+        nor one that trains.
+        """
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel) and getattr(self.model.get_base_model(), "hf_quantizer", None) is None:
+            self.model = self.model.merge_and_unload()
 
     # ---- generation -------------------------------------------------------------------------------------------
 
@@ -319,8 +341,8 @@ class TransformersBackend:
         prefix = self._shared_prefix([list(key) for key in keys])
         scores = [0.0] * len(prompts)
         with progress_bar("scoring", total=len(keys), enabled=self.show_progress, unit="seq") as bar:
-            for start in range(0, len(keys), self.batch_size):
-                batch = keys[start : start + self.batch_size]
+            for rows in self._prefill_batches([len(key) for key in keys], prefix):
+                batch = keys[rows]
                 for key, log_probs in zip(batch, self._score_batch(batch, [units[k] for k in batch], prefix)):
                     for (index, _), value in zip(units[key], log_probs):
                         scores[index] = value
@@ -387,8 +409,8 @@ class TransformersBackend:
         pooled = {name: np.zeros((len(prompts), len(chosen), self.hidden_size), np.float32) for name in POOLINGS}
         log_probs = np.zeros((len(prompts), len(targets))) if scored else None
         with progress_bar("reading hidden states", total=len(prompts), enabled=self.show_progress, unit="seq") as bar:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
+            for rows in self._prefill_batches([len(ids[i]) for i in order], prefix):
+                batch = order[rows]
                 states, batch_log_probs = self._hidden_batch([ids[i] for i in batch], prefix, chosen,
                                                              targets if scored else None)  # fmt: skip
                 for row, index in enumerate(batch):
@@ -426,6 +448,16 @@ class TransformersBackend:
                 per_layer.append(states.float().cpu())  # pool in float32, whatever the model's dtype
             rows.append(torch.stack(per_layer))
         return rows, log_probs
+
+    def _prefill_batches(self, lengths: list[int], prefix: SharedPrefix | None) -> Iterator[slice]:
+        """Consecutive batches of sequences sorted longest first: at most `batch_size` rows, and at most
+        PREFILL_TOKENS tokens after the shared prefix (rows x the first, longest row) unless one row is longer."""
+        shared = prefix.length if prefix else 0
+        start = 0
+        while start < len(lengths):
+            rows = max(1, min(self.batch_size, PREFILL_TOKENS // max(1, lengths[start] - shared)))
+            yield slice(start, start + rows)
+            start += rows
 
     # ---- shared prompt prefixes ---------------------------------------------------------------------------------
 
@@ -612,6 +644,37 @@ def _feed_output_projection_contiguous_rows(model: Any) -> None:
         return
     hook = projection.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
     setattr(projection, CONTIGUOUS_ROWS_HOOK, hook)  # the handle: benchmarks/generation.py --adapter removes it
+
+
+PREPACKED = "_selfalign_prepacked_weight"
+
+
+def _prepack_output_projection(model: Any, batch_size: int) -> None:
+    """On a CPU with bf16 units, compute the output projection from a copy of its weight laid out once for oneDNN.
+
+    A plain bf16 `linear` has oneDNN reorder the weight into its blocked layout at every call: for Gemma 3's
+    262k x 640 projection that is a 335 MB copy per decoding step, a quarter of a step's time. The prepacked copy
+    (`mkldnn._reorder_linear_weight`, which torch.compile's CPU freezing pass uses for the same reason) gives the same
+    logits bit for bit, at 335 MB more memory. The copy is of the weight as loaded: the backend never trains.
+    """
+    projection = model.get_output_embeddings()
+    weight = getattr(projection, "weight", None)
+    usable = (
+        isinstance(projection, torch.nn.Linear) and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+        and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )  # fmt: skip
+    if not usable or hasattr(projection, PREPACKED):
+        return
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size)
+    setattr(projection, PREPACKED, packed)
+    bias = projection.bias
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and hidden.requires_grad:  # oneDNN's op has no backward pass
+            return torch.nn.functional.linear(hidden, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(hidden, packed, bias, "none", [], "")
+
+    projection.forward = forward
 
 
 def _logits_processors(params: GenerationParams) -> Any:

@@ -78,6 +78,12 @@ class EvaluateConfig(StrictModel):
         "is the judge of record (harm, compliance, XSTest's classes, pairwise helpfulness) and `judge` is the one "
         "whose agreement with it is reported: for a small self-judge that cannot read answers well.",
     )
+    merge_adapters: bool = Field(
+        True,
+        description="Answer and score with each adapter merged into the model's weights where the backend can "
+        "(transformers): 1.3x faster generation on CPU; the merged bf16 weights round differently, so some greedy "
+        "answers differ from the unmerged adapter's (BENCHMARKS.md). false: PEFT's unmerged layers.",
+    )
     bootstrap_samples: int = Field(1000, ge=100)
     seed: int = 0
     examples: int = Field(3, ge=0, description="Example answers shown side by side in the report.")
@@ -150,8 +156,8 @@ class EvaluationModels:
     model uses it too. Other backends (transformers) load each variant on its own and drop it before the next.
     """
 
-    def __init__(self, model: ModelConfig, adapters: dict[str, str]) -> None:
-        self.model, self.adapters = model, adapters
+    def __init__(self, model: ModelConfig, adapters: dict[str, str], merge: bool = False) -> None:
+        self.model, self.adapters, self.merge = model, adapters, merge
         self.shared = model.backend in BACKENDS.serves_adapters
         self._engine: LanguageModel | None = None  # the shared engine, once loaded
         self._engine_judges = False
@@ -160,7 +166,10 @@ class EvaluationModels:
     def variant(self, name: str) -> LanguageModel:
         config = self.model.model_copy(update={"adapter": None if name == BASE else self.adapters[name]})
         if not self.shared:
-            return load_language_model(config)
+            model = load_language_model(config)
+            if self.merge:  # a variant only answers and scores; judges load their own model
+                model.merge_adapter()
+            return model
         if self._engine is None:
             base = self.model.model_copy(update={"adapter": None})
             self._engine = load_language_model(base, adapters=list(self.adapters.values()))
@@ -204,7 +213,7 @@ def evaluate(config: EvaluateConfig, out_dir: Path, earlier: Sequence[Path] = ()
             raise SelfAlignError(f"adapter '{name}': folder not found: {path}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "config.json", config.model_dump_json(indent=2) + "\n")
-    models = EvaluationModels(config.model, config.adapters)
+    models = EvaluationModels(config.model, config.adapters, config.merge_adapters)
     try:
         return _evaluate(config, out_dir, models, ResumeSettings(config, out_dir, earlier))
     finally:
@@ -230,7 +239,10 @@ class ResumeSettings:
     def answers(self, variant: str) -> dict:
         base = self.config.model.model_copy(update={"adapter": None})
         generation = self.dump(self.config.generation)
-        return dict(model=self.dump(base), adapter=self.adapters.get(variant), generation=generation)
+        record = dict(model=self.dump(base), adapter=self.adapters.get(variant), generation=generation)
+        if variant != BASE:  # merged weights round differently: their answers are not mixed with unmerged ones
+            record["merge_adapters"] = self.config.merge_adapters
+        return record
 
     def capability(self, variant: str) -> dict:
         return {key: value for key, value in self.answers(variant).items() if key != "generation"}
