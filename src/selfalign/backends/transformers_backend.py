@@ -653,9 +653,12 @@ def _prepack_output_projection(model: Any, batch_size: int) -> None:
     """On a CPU with bf16 units, compute the output projection from a copy of its weight laid out once for oneDNN.
 
     A plain bf16 `linear` has oneDNN reorder the weight into its blocked layout at every call: for Gemma 3's
-    262k x 640 projection that is a 335 MB copy per decoding step, a quarter of a step's time. The prepacked copy
-    (`mkldnn._reorder_linear_weight`, which torch.compile's CPU freezing pass uses for the same reason) gives the same
-    logits bit for bit, at 335 MB more memory. The copy is of the weight as loaded: the backend never trains.
+    262k x 640 projection, a 335 MB copy per decoding step. The prepacked copy (`mkldnn._reorder_linear_weight`,
+    which torch.compile's CPU freezing pass uses for the same reason) costs 335 MB more memory and makes generation
+    1.12x as fast at batch 64 with the same answers (`benchmarks/generation.py --prepacked`): at the row counts of
+    decoding steps (1 to 160) its logits are `F.linear`'s bit for bit; at more rows, as a scoring pass may have,
+    `F.linear` itself changes kernels and the two can differ in the last bit (BENCHMARKS.md). The copy is of the
+    weight as loaded: the backend never trains.
     """
     projection = model.get_output_embeddings()
     weight = getattr(projection, "weight", None)
