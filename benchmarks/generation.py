@@ -409,16 +409,16 @@ def run_scoring(args: argparse.Namespace) -> None:
     """Judge prompts (the `complies` template over the backend's own answers) scored in passes of at most
     PREFILL_TOKENS tokens against passes of batch_size rows, alternating, in the same run."""
     from selfalign.backends import transformers_backend
+    from selfalign.backends.language_model import LanguageModel, ModelConfig
     from selfalign.judging.judge import render_judge_prompts
     from selfalign.judging.templates import load_template
 
     backend, prompts, params = loaded_backend(args)
-    requests = benchmark_prompts(args.prompts)
+    judge = LanguageModel(ModelConfig(model=args.model), backend, get_prompt_format(backend.tokenizer))
     answers = [c.text for c in backend.generate(prompts, params)]
-    prompt_format = get_prompt_format(backend.tokenizer)
     template = load_template("complies")
-    texts = [prompt_format.render_prompt(t) + prompt_format.completion_prefix + template.response_prefix
-             for t in render_judge_prompts(template, requests, answers)]  # fmt: skip
+    texts = [judge.render(text, template.response_prefix)
+             for text in render_judge_prompts(template, benchmark_prompts(args.prompts), answers)]  # fmt: skip
     settings = {
         f"selfalign backend (at most {transformers_backend.PREFILL_TOKENS} tokens a pass)": contextlib.nullcontext,
         f"baseline ({args.batch_size} rows a pass)": lambda: replaced(transformers_backend, "PREFILL_TOKENS", 10**9),
@@ -472,7 +472,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--openai", action="store_true", help="The openai backend against llama.cpp's server.")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="With --openai: levels.")
-    parser.add_argument("--rounds", type=int, default=2, help="--openai, --greedy-choice, --continuous: runs of each.")
+    parser.add_argument("--rounds", type=int, default=2, help="Runs of each side (all but --adapter and the default).")
     parser.add_argument("--servers", type=int, default=1, help="With --openai: server replicas.")
     parser.add_argument("--server-threads", type=int, help="With --openai: --n_threads of each server.")
     parser.add_argument("--adapter", nargs="?", const="fresh", help="Adapter generation, with and without the hook.")
@@ -483,19 +483,14 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true", help="With --adapter PATH: merged against unmerged LoRA.")
     parser.add_argument("--scoring", action="store_true", help="Token-capped scoring passes against row-capped.")
     args = parser.parse_args()
-    for flag, run in (("prepacked", run_prepacked), ("merge", run_merge), ("scoring", run_scoring)):
+    modes = (
+        ("prepacked", run_prepacked), ("merge", run_merge), ("scoring", run_scoring), ("continuous", run_continuous),
+        ("greedy_choice", run_greedy_choice), ("adapter", run_adapter),
+    )  # fmt: skip
+    for flag, run in modes:  # --adapter last: the other modes take it as their model's adapter
         if getattr(args, flag):
             run(args)
             return
-    if args.continuous:
-        run_continuous(args)
-        return
-    if args.greedy_choice:
-        run_greedy_choice(args)
-        return
-    if args.adapter:
-        run_adapter(args)
-        return
     if args.openai:
         # SIGTERM (`timeout`, a CI limit) must unwind too, so that the servers this run started are stopped.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
