@@ -341,14 +341,30 @@ def replaced(owner: object, name: str, value: object) -> Iterator[None]:
 
 
 def run_greedy_choice(args: argparse.Namespace) -> None:
-    """The greedy choice by max(dim).indices against argmax, alternating, in the same run."""
+    """The greedy choice block by block against argmax and against max(dim).indices (the choice before; the
+    baseline the ratio is taken against), alternating, in the same run."""
     from selfalign.backends import transformers_backend
 
     backend, prompts, params = loaded_backend(args)
     compare_in_rounds(args, backend, prompts, params, {
-        "selfalign backend (first maximum by max(dim).indices)": contextlib.nullcontext,
-        "baseline (argmax)": lambda: replaced(transformers_backend, "_first_max", lambda scores: scores.argmax(dim=-1)),
+        "selfalign backend (first maximum block by block)": contextlib.nullcontext,
+        "argmax": lambda: replaced(transformers_backend, "_first_max", lambda scores: scores.argmax(dim=-1)),
+        "baseline (max(dim).indices)": lambda: replaced(transformers_backend, "_first_max",
+                                                         lambda scores: scores.max(dim=-1).indices),
     })  # fmt: skip
+
+
+def run_cache_rows(args: argparse.Namespace) -> None:
+    """Finished rows leaving the KV cache by index_select against the cache's own batch_select_indices (advanced
+    indexing), alternating, in the same run."""
+    from selfalign.backends import transformers_backend
+
+    backend, prompts, params = loaded_backend(args)
+    compare_in_rounds(args, backend, prompts, params, {
+        "selfalign backend (rows kept by index_select)": contextlib.nullcontext,
+        "baseline (DynamicCache.batch_select_indices)": lambda: replaced(
+            transformers_backend, "_select_cache_rows", lambda cache, rows: cache.batch_select_indices(rows)),
+    }, chunk=args.chunk)  # fmt: skip
 
 
 def run_continuous(args: argparse.Namespace) -> None:
@@ -407,7 +423,8 @@ def run_merge(args: argparse.Namespace) -> None:
 
 def run_scoring(args: argparse.Namespace) -> None:
     """Judge prompts (the `complies` template over the backend's own answers) scored in passes of at most
-    PREFILL_TOKENS tokens against passes of batch_size rows, alternating, in the same run."""
+    PREFILL_TOKENS tokens against passes of batch_size rows (--scoring), or with log-probabilities normalised by a
+    logsumexp a few positions at a time against a whole log_softmax (--normalising), alternating, in the same run."""
     from selfalign.backends import transformers_backend
     from selfalign.backends.language_model import LanguageModel, ModelConfig
     from selfalign.judging.judge import render_judge_prompts
@@ -419,10 +436,19 @@ def run_scoring(args: argparse.Namespace) -> None:
     template = load_template("complies")
     texts = [judge.render(text, template.response_prefix)
              for text in render_judge_prompts(template, benchmark_prompts(args.prompts), answers)]  # fmt: skip
-    settings = {
-        f"selfalign backend (at most {transformers_backend.PREFILL_TOKENS} tokens a pass)": contextlib.nullcontext,
-        f"baseline ({args.batch_size} rows a pass)": lambda: replaced(transformers_backend, "PREFILL_TOKENS", 10**9),
-    }
+    if args.normalising:
+        settings = {
+            "selfalign backend (logsumexp a few positions at a time)": contextlib.nullcontext,
+            "baseline (log_softmax over all the kept logits)": lambda: replaced(
+                transformers_backend, "_summed_log_probs", summed_log_probs_by_log_softmax),
+        }  # fmt: skip
+    else:
+        settings = {
+            f"selfalign backend (at most {transformers_backend.PREFILL_TOKENS} tokens a pass)": contextlib.nullcontext,
+            f"baseline ({args.batch_size} rows a pass)": lambda: replaced(
+                transformers_backend, "PREFILL_TOKENS", 10**9
+            ),
+        }
     seconds: dict[str, list[float]] = {label: [] for label in settings}
     scores: dict[str, list[float]] = {}
     for round_number in range(args.rounds):
@@ -437,6 +463,15 @@ def run_scoring(args: argparse.Namespace) -> None:
     print(f"mean over {args.rounds} rounds: {ours:.1f} against {baseline:.1f} s; largest score difference "
           f"{largest:.3g}")  # fmt: skip
     print(f"ratio={baseline / ours:.2f}")
+
+
+def summed_log_probs_by_log_softmax(logits, targets: list[list[list[int]]]) -> list[list[float]]:
+    """`_summed_log_probs` as it was before 2026-12-03: a float32 log_softmax over every kept logit, then a gather."""
+    import torch
+
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return [[float(log_probs[row, logits.shape[1] - len(target) :, :].gather(-1, torch.tensor(target)[:, None]).sum())
+             for target in row_targets] for row, row_targets in enumerate(targets)]  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -482,10 +517,17 @@ def main() -> None:
     parser.add_argument("--prepacked", action="store_true", help="Prepacked output projection against plain.")
     parser.add_argument("--merge", action="store_true", help="With --adapter PATH: merged against unmerged LoRA.")
     parser.add_argument("--scoring", action="store_true", help="Token-capped scoring passes against row-capped.")
+    parser.add_argument(
+        "--normalising",
+        action="store_true",
+        help="Scoring with logsumexp a few positions at a time against a whole log_softmax.",
+    )
+    parser.add_argument("--cache-rows", action="store_true", help="Rows leaving the KV cache by index_select.")
     args = parser.parse_args()
     modes = (
-        ("prepacked", run_prepacked), ("merge", run_merge), ("scoring", run_scoring), ("continuous", run_continuous),
-        ("greedy_choice", run_greedy_choice), ("adapter", run_adapter),
+        ("prepacked", run_prepacked), ("merge", run_merge), ("scoring", run_scoring), ("normalising", run_scoring),
+        ("continuous", run_continuous), ("greedy_choice", run_greedy_choice), ("cache_rows", run_cache_rows),
+        ("adapter", run_adapter),
     )  # fmt: skip
     for flag, run in modes:  # --adapter last: the other modes take it as their model's adapter
         if getattr(args, flag):

@@ -245,6 +245,48 @@ def test_greedy_choice_is_argmax_s_first_maximum_in_bf16_and_float32():
         scores[:, 7] = scores[:, 200_000] = 9
         assert torch.equal(_first_max(scores), scores.argmax(dim=-1))
         assert _first_max(scores).tolist() == [7] * 16
+        # a vocabulary that is not whole blocks (Gemma 3's 262,144 is): the words after the last block count too
+        for vocab in (32_000, 32_001, 100):
+            uneven = torch.randint(0, 5, (8, vocab), generator=generator).to(dtype)
+            uneven[:4, -1] = 9  # the maximum in the tail for half the rows
+            uneven[4:, 3] = uneven[4:, -1] = 9  # a tie between the first block and the tail: the first wins
+            assert torch.equal(_first_max(uneven), uneven.argmax(dim=-1))
+        noisy = torch.randn((32, 262_144), generator=generator).to(dtype)
+        assert torch.equal(_first_max(noisy), noisy.argmax(dim=-1))
+
+
+def test_summed_log_probs_are_log_softmax_s_read_a_few_positions_at_a_time():
+    from selfalign.backends.transformers_backend import LOGSUMEXP_ELEMENTS, _summed_log_probs
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = 262_144
+    logits = (torch.randn((3, 2, vocab), generator=generator) * 4).to(torch.bfloat16)
+    assert 3 * 2 > LOGSUMEXP_ELEMENTS // vocab  # normalised in more than one piece
+    targets = [[[5, 7], [9]], [[vocab - 1]], [[0, 1], [2]]]
+    reference = torch.log_softmax(logits.double(), dim=-1)  # float32's own log_softmax is off by up to 5e-5 here
+    expected = [[sum(float(reference[row, 2 - len(t) + i, token]) for i, token in enumerate(t)) for t in row_targets]
+                for row, row_targets in enumerate(targets)]  # fmt: skip
+    for got, want in zip(_summed_log_probs(logits, targets), expected):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_rows_leave_the_cache_as_its_own_batch_select_indices_would_drop_them(loaded):
+    import copy
+
+    from transformers import DynamicCache
+
+    from selfalign.backends.transformers_backend import _cache_layers, _select_cache_rows
+
+    cache = DynamicCache(config=loaded.model.config)
+    with torch.no_grad():
+        loaded.model(torch.arange(40).view(4, 10) + 3, past_key_values=cache, use_cache=True)
+    theirs, ours = copy.deepcopy(cache), copy.deepcopy(cache)
+    rows = torch.tensor([0, 2, 3])
+    theirs.batch_select_indices(rows)
+    _select_cache_rows(ours, rows)
+    for their_layer, our_layer in zip(_cache_layers(theirs), _cache_layers(ours), strict=True):
+        assert torch.equal(their_layer.keys, our_layer.keys) and torch.equal(their_layer.values, our_layer.values)
+        assert getattr(their_layer, "cumulative_length", None) == getattr(our_layer, "cumulative_length", None)
 
 
 def _spy_on_merges(monkeypatch) -> list[tuple[int, int]]:

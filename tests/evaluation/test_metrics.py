@@ -57,6 +57,9 @@ def test_win_rate_averages_soft_outcomes_and_counts_how_items_lean():
     result = win_rate_with_interval([1, 0.7, 0.5, 0], samples=200)
     assert result["rate"] == pytest.approx(0.55)
     assert (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
+    # a lean of float rounding is a tie: a judge with no preference averages to 0.5 give or take the last bits
+    rounding = win_rate_with_interval([0.5 + 1e-9, 0.5 - 1e-9, 0.5 + 1e-3, 0.2], samples=200)
+    assert (rounding["wins"], rounding["ties"], rounding["losses"]) == (1, 2, 1)
     # every answer identical: the rate is 0.5 but the interval is not [50, 50]
     same = win_rate_with_interval([0.5] * 20, samples=200)
     assert same["rate"] == 0.5 and same["low"] < 0.5 < same["high"]

@@ -28,7 +28,9 @@ class ModelConfig(StrictModel):
         "auto", description="auto: bf16 on GPUs and on CPUs with bf16 units, fp32 otherwise."
     )
     load_in_4bit: bool = Field(False, description="NF4 4-bit weights via bitsandbytes (CUDA only).")
-    batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
+    # 128: on 2 CPU cores the embedded model's decoding steps are the cheapest per row there (64: 1.16x the time of
+    # the v2 evaluation, 256: as slow as 128 at 1.4x the memory; BENCHMARKS.md, "Evaluation on the v2 test sets").
+    batch_size: int = Field(128, ge=1, description="Prompts per generation batch.")
     prompt_format: str = Field("auto", description="auto, chat-template, plain, mistral-inst, raw or a format .yaml.")
     system_prompt: str | None = Field(None, description="System message placed before every request.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific settings.")

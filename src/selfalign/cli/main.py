@@ -95,7 +95,7 @@ def generate(
     no_repeat_ngram_size: Annotated[int, typer.Option(min=0, help="Ban repeating token n-grams (transformers).")] = 0,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable); added to the format's own.")] = None,
     seed: int = 0,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
 ) -> None:
     """Answer every prompt in a file with one model; write prompt, completion and token counts per row."""

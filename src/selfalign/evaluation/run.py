@@ -89,7 +89,7 @@ class EvaluateConfig(StrictModel):
     examples: int = Field(3, ge=0, description="Example answers shown side by side in the report.")
     # A chunk is what the model batches over: a few times the batch size, so that rows joining as others finish keep
     # decoding steps full (continuous batching); a killed run redoes at most one chunk.
-    chunk_size: int = Field(256, ge=1, description="Items per resumable chunk.")
+    chunk_size: int = Field(512, ge=1, description="Items per resumable chunk.")
 
     @model_validator(mode="after")
     def _check_external_judge(self) -> EvaluateConfig:

@@ -69,9 +69,10 @@ def helpfulness_lines(metrics: dict) -> list[str]:
         return []
     lines = ["## Helpfulness against the base (pairwise judge)", "",
              "Per prompt, P(adapter's answer better) averaged over both orders of the two answers; identical answers "
-             "count 0.5 unjudged. Position bias: the judge's mean P(first answer better) over both orders (0.5: none); "
+             "count 0.5 unjudged, and an item within 1e-6 of 0.5 leans neither way. Position bias: the judge's mean "
+             "P(first answer better) over both orders (0.5: none); "
              "consistent: both orders prefer the same answer.", "",
-             "| model | win-rate [95% CI] | lean better / identical / lean worse | P(first better) | consistent |",
+             "| model | win-rate [95% CI] | lean better / neither / lean worse | P(first better) | consistent |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     for variant, m in rows:
         w, bias = m["win_rate_vs_base"], m.get("pairwise_position_bias", {})
