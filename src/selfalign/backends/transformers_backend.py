@@ -590,7 +590,7 @@ def _first_max(scores: torch.Tensor) -> torch.Tensor:
     """Each row's argmax (its first maximum, as `argmax`), found block by block: the maximum of each block of
     FIRST_MAX_BLOCK words (`amax`, which vectorises where the index-tracking reductions do not), then the first
     maximum inside the first block that holds the row's maximum. On CPU over a 262k-word vocabulary, bf16 at 128
-    rows: 4.2 ms against 17.9 for `max(dim).indices` and ~60 for `argmax`, the same index (ties included; tests)."""
+    rows: 4.2 ms against 17.9 for `max(dim).indices` and 56 for `argmax`, the same index (ties included; tests)."""
     rows, vocab = scores.shape
     blocks = vocab // FIRST_MAX_BLOCK
     if blocks < 2:
