@@ -71,6 +71,12 @@ it did before), alternating; prints seconds of each and the largest difference b
 
     python benchmarks/generation.py --scoring --prompts 256 --max-new-tokens 48 --batch-size 64
 
+With --grouped-attention: the same judge prompts scored with the backend's attention (`grouped_attention`: grouped
+key/value heads read as such under a mask) against transformers' `sdpa` (baseline, named: each key/value head
+repeated for its query heads), alternating; prints seconds of each and the largest difference (0: the same values).
+
+    python benchmarks/generation.py --grouped-attention --prompts 256 --max-new-tokens 48 --batch-size 128
+
 Last line (each): ratio=<selfalign's rate / the baseline's>.
 """
 
@@ -423,8 +429,9 @@ def run_merge(args: argparse.Namespace) -> None:
 
 def run_scoring(args: argparse.Namespace) -> None:
     """Judge prompts (the `complies` template over the backend's own answers) scored in passes of at most
-    PREFILL_TOKENS tokens against passes of batch_size rows (--scoring), or with log-probabilities normalised by a
-    logsumexp a few positions at a time against a whole log_softmax (--normalising), alternating, in the same run."""
+    PREFILL_TOKENS tokens against passes of batch_size rows (--scoring), with log-probabilities normalised by a
+    logsumexp a few positions at a time against a whole log_softmax (--normalising), or with grouped key/value heads
+    against repeated ones (--grouped-attention), alternating, in the same run."""
     from selfalign.backends import transformers_backend
     from selfalign.backends.language_model import LanguageModel, ModelConfig
     from selfalign.judging.judge import render_judge_prompts
@@ -436,7 +443,12 @@ def run_scoring(args: argparse.Namespace) -> None:
     template = load_template("complies")
     texts = [judge.render(text, template.response_prefix)
              for text in render_judge_prompts(template, benchmark_prompts(args.prompts), answers)]  # fmt: skip
-    if args.normalising:
+    if args.grouped_attention:
+        settings = {
+            "selfalign backend (grouped key/value heads read as such)": contextlib.nullcontext,
+            "baseline (transformers' sdpa: key/value heads repeated)": lambda: attention(backend.model, "sdpa"),
+        }  # fmt: skip
+    elif args.normalising:
         settings = {
             "selfalign backend (logsumexp a few positions at a time)": contextlib.nullcontext,
             "baseline (log_softmax over all the kept logits)": lambda: replaced(
@@ -463,6 +475,17 @@ def run_scoring(args: argparse.Namespace) -> None:
     print(f"mean over {args.rounds} rounds: {ours:.1f} against {baseline:.1f} s; largest score difference "
           f"{largest:.3g}")  # fmt: skip
     print(f"ratio={baseline / ours:.2f}")
+
+
+@contextlib.contextmanager
+def attention(model: torch.nn.Module, implementation: str) -> Iterator[None]:
+    """The model attending with another of transformers' attention implementations for a while."""
+    own = model.config._attn_implementation
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(own)
 
 
 def summed_log_probs_by_log_softmax(logits, targets: list[list[list[int]]]) -> list[list[float]]:
@@ -523,9 +546,13 @@ def main() -> None:
         help="Scoring with logsumexp a few positions at a time against a whole log_softmax.",
     )
     parser.add_argument("--cache-rows", action="store_true", help="Rows leaving the KV cache by index_select.")
+    parser.add_argument(
+        "--grouped-attention", action="store_true", help="Scoring with grouped key/value heads against repeated ones."
+    )
     args = parser.parse_args()
     modes = (
         ("prepacked", run_prepacked), ("merge", run_merge), ("scoring", run_scoring), ("normalising", run_scoring),
+        ("grouped_attention", run_scoring),
         ("continuous", run_continuous), ("greedy_choice", run_greedy_choice), ("cache_rows", run_cache_rows),
         ("adapter", run_adapter),
     )  # fmt: skip

@@ -80,3 +80,31 @@ def test_tokenizers_drop_the_python_copies_of_their_vocabulary_and_still_tokeniz
     assert Hasher.hash(tokenizer) == Hasher.hash(tokenizer_from_pretrained(str(tmp_path / "saved")))  # stable
     tokenizer.save_pretrained(tmp_path / "again")
     assert AutoTokenizer.from_pretrained(tmp_path / "again").get_vocab() == as_transformers_loads_it.get_vocab()
+
+
+def test_a_tokenizer_folder_is_read_once_and_every_call_gets_a_tokenizer_of_its_own(tmp_path, monkeypatch):
+    import transformers
+    from transformers import GemmaTokenizer
+
+    from selfalign.models.loading import tokenizer_from_pretrained
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "a": 4, "b": 5, "ab": 6, "▁": 7}
+    GemmaTokenizer(vocab=vocab, merges=[("a", "b")]).save_pretrained(tmp_path / "saved")
+    reads = []
+    from_pretrained = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *args, **kwargs: reads.append(args[0]) or from_pretrained(*args, **kwargs))  # fmt: skip
+
+    first = tokenizer_from_pretrained(str(tmp_path / "saved"))
+    as_read = (first.padding_side, first.pad_token)
+    first.padding_side = "right" if first.padding_side == "left" else "left"  # what callers do to their own
+    first.pad_token = "<eos>"
+    second = tokenizer_from_pretrained(str(tmp_path / "saved"))
+    assert len(reads) == 1 and second is not first
+    assert (second.padding_side, second.pad_token) == as_read != (first.padding_side, first.pad_token)
+    assert second("ab ab ba").input_ids == first("ab ab ba").input_ids
+
+    config = tmp_path / "saved" / "tokenizer_config.json"
+    config.write_text(config.read_text(encoding="utf-8").replace('"<unk>"', '"<pad>"', 1), encoding="utf-8")
+    tokenizer_from_pretrained(str(tmp_path / "saved"))
+    assert len(reads) == 2  # a changed folder is read again

@@ -31,6 +31,7 @@ from selfalign.backends.base import (
     check_score_inputs,
     truncate_at_stop,
 )
+from selfalign.backends.grouped_attention import attend_with_grouped_heads
 from selfalign.backends.language_model import POOLINGS
 from selfalign.errors import SelfAlignError
 from selfalign.progress import progress_bar
@@ -197,6 +198,7 @@ class TransformersBackend:
         self.cache_argument = _cache_argument_name(model)
         _feed_output_projection_contiguous_rows(model)
         _prepack_output_projection(model, batch_size)
+        attend_with_grouped_heads(model)
 
     def merge_adapter(self) -> None:
         """Fold the PEFT adapter into the weights (PEFT's `merge_and_unload`), for a model that only answers and scores.
