@@ -52,5 +52,5 @@ def attend_with_grouped_heads(model: Any) -> bool:
         return False
     AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
     AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
-    model.set_attn_implementation(GROUPED_SDPA)
-    return True
+    model.set_attn_implementation(GROUPED_SDPA)  # a model whose attention is not pluggable warns and keeps its own
+    return config._attn_implementation == GROUPED_SDPA
