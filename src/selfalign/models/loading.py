@@ -135,7 +135,9 @@ def tokenizer_from_pretrained(source: str, **kwargs: Any) -> Any:
 
 
 PICKLED_TOKENIZERS_KEPT = 4
-_PICKLED_TOKENIZERS: dict[tuple, bytes] = {}  # (source, its files, options) -> the tokenizer as first read
+# (source, its files, options) -> the tokenizer as first read, pickled in memory by this process (never written
+# or read from disk: files are only ever read by transformers)
+_PICKLED_TOKENIZERS: dict[tuple, bytes] = {}
 
 
 def _folder_signature(source: str) -> tuple:
