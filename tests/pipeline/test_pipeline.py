@@ -44,6 +44,7 @@ def test_first_run_runs_every_stage_and_writes_the_manifest(tmp_path, ran):
     assert machine["cores"] >= 1 and machine["cpu"] and machine["cpu_capability"]
     if not machine["gpus"]:
         assert machine["auto_dtype"] == ("bfloat16" if machine["cpu_bf16"] else "float32")
+    assert machine["cpu_amx"] in (True, False) and (machine["cpu_bf16"] or not machine["cpu_amx"])  # AMX has bf16
 
 
 def test_changing_one_training_setting_reruns_only_training_evaluation_and_report(tmp_path, ran):

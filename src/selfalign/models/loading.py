@@ -57,6 +57,8 @@ def machine_facts() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16": cpu_supports_bf16(),
+        # AMX tiles (Intel Xeon since Sapphire Rapids) run bf16 products several times as fast as AVX-512 BF16 alone
+        "cpu_amx": "amx_bf16" in cpuinfo,
         "auto_dtype": str(resolve_dtype("auto")).removeprefix("torch."),
         "gpus": [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
